@@ -1,0 +1,44 @@
+// The mim_fast._C extension: the op schemas of the mim_fast torch.library namespace (the contract
+// every backend implements; kernels register per device in their own files) and a pybind11 module
+// that reports how this binary was built.
+#include <ATen/Config.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#if MIM_FAST_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(mim_fast, m) {
+  // Counter-based uniform noise (Philox4x32-10, Triton's tl.rand). counters: int64, any shape.
+  m.def("philox_uniform(Tensor counters, int seed) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mim_fast compiled kernels (the ops themselves are reached through torch.ops.mim_fast)";
+  m.def("build_info", []() {
+    py::dict info;
+    info["torch_version"] = MIM_FAST_TORCH_VERSION;
+    info["with_cuda"] = static_cast<bool>(MIM_FAST_WITH_CUDA);
+#if MIM_FAST_WITH_CUDA
+    info["cuda_runtime_version"] = CUDART_VERSION;  // e.g. 13000 for CUDA 13.0
+    info["cuda_archs"] = MIM_FAST_CUDA_ARCHS;
+#else
+    info["cuda_runtime_version"] = py::none();
+    info["cuda_archs"] = py::none();
+#endif
+    // CPU kernels use at::parallel_for, i.e. torch's own thread pool (OpenMP in the official wheels):
+    // no second OpenMP runtime is linked, and torch.set_num_threads governs our kernels too.
+    info["with_openmp"] = static_cast<bool>(AT_PARALLEL_OPENMP);
+#if defined(__clang__)
+    info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+    info["compiler"] = "gcc " __VERSION__;
+#else
+    info["compiler"] = "unknown";
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,30 @@
+"""mim_fast: fused kernels for MIM (Multimodal Information Modulation, Zeng et al., IEEE TMM 2023).
+
+    purify_gate(x, logits, ...)  -> (pooled, penalty, gate)       the UPN's hard-concrete gate + pooling
+    kgs_loss(yk, yu, y, h, ...)  -> (loss, intra, inter, masked, unmasked, teacher, alpha)
+    philox_uniform(seed, offset, shape, device)                  the counter-based gate noise
+
+The math is shared/SPEC.md; ``mim_fast.reference`` is its eager implementation (the "torch" backend).
+"""
+from . import _ext, reference
+from ._ext import build_info
+from ._types import KGSLossOutput, PurifyGateOutput
+from .ops import (BACKENDS, BackendUnavailableError, available_backends, backend_status, kgs_loss,
+                  philox_uniform, purify_gate)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "KGSLossOutput",
+    "PurifyGateOutput",
+    "available_backends",
+    "backend_status",
+    "build_info",
+    "kgs_loss",
+    "philox_uniform",
+    "purify_gate",
+    "reference",
+    "__version__",
+]

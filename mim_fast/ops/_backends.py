@@ -1,0 +1,145 @@
+"""Backend registry and dispatch: which implementation of an op runs, or why none can.
+
+Each (op, backend) pair registers an implementation and a ``reason`` function that returns None when
+it can serve a call (device, dtypes) or a sentence saying why not. ``backend="auto"`` takes the first
+backend in the device's preference order that can serve; an explicit backend that cannot serve
+raises :class:`BackendUnavailableError` with its reason, and when nothing can serve the error lists
+every backend with its reason.
+"""
+import importlib.util
+import os
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+# Fastest first. Triton on CPU tensors is the interpreter (a test vehicle, far slower than eager):
+# "auto" never picks it on CPU.
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call; the message says why."""
+
+
+Reason = Callable[[torch.device, Iterable[torch.dtype]], Optional[str]]
+_REGISTRY: Dict[str, Dict[str, tuple]] = {}
+
+
+def register(op: str, backend: str, fn: Callable, reason: Reason) -> None:
+    assert backend in BACKENDS, backend
+    _REGISTRY.setdefault(op, {})[backend] = (fn, reason)
+
+
+def ops() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+# --- reasons shared by the kernel backends ----------------------------------------------------------
+def always(device, dtypes) -> Optional[str]:
+    return None
+
+
+def triton_import_error() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def needs_triton(device: torch.device, dtypes) -> Optional[str]:
+    err = triton_import_error()
+    if err:
+        return err
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if triton_interpreting():
+            return None
+        return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
+    return "Triton kernels do not run on %s tensors" % device.type
+
+
+def needs_cpu_extension(device: torch.device, dtypes) -> Optional[str]:
+    if _ext.C is None:
+        return "the compiled extension mim_fast._C is not loaded (%s)" % _ext.load_error
+    if device.type != "cpu":
+        return "the 'cpu' backend takes CPU tensors; these are on %s" % device
+    return None
+
+
+def needs_cuda_extension(device: torch.device, dtypes) -> Optional[str]:
+    if _ext.C is None:
+        return "the compiled extension mim_fast._C is not loaded (%s)" % _ext.load_error
+    if not _ext.build_info()["with_cuda"]:
+        return "mim_fast._C was built without CUDA (CPU-only torch or no nvcc at build time)"
+    if device.type != "cuda":
+        return "the 'cuda' backend takes CUDA tensors; these are on %s" % device
+    return None
+
+
+def none_of(dtypes_ok) -> Reason:
+    def reason(device, dtypes):
+        bad = [d for d in dtypes if d not in dtypes_ok]
+        return "dtype %s is not supported (supported: %s)" % (bad[0], ", ".join(str(d) for d in dtypes_ok)) if bad else None
+    return reason
+
+
+def all_of(*reasons: Reason) -> Reason:
+    def reason(device, dtypes):
+        for r in reasons:
+            msg = r(device, dtypes)
+            if msg:
+                return msg
+        return None
+    return reason
+
+
+# --- dispatch ---------------------------------------------------------------------------------------
+def backend_status(op: str, device="cpu", dtypes: Iterable[torch.dtype] = ()) -> Dict[str, Optional[str]]:
+    """{backend: None if it can serve op on device with dtypes, else the reason it cannot}."""
+    device = torch.device(device)
+    dtypes = tuple(dtypes)
+    impls = _REGISTRY.get(op, {})
+    status = {}
+    for name in BACKENDS:
+        if name not in impls:
+            status[name] = "mim_fast has no %s kernel for %s yet" % (name, op)
+        else:
+            status[name] = impls[name][1](device, dtypes)
+    return status
+
+
+def select(op: str, backend: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> Callable:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError("backend must be 'auto' or one of %s; got %r" % (", ".join(repr(b) for b in BACKENDS), backend))
+    status = backend_status(op, device, dtypes)
+    if backend != "auto":
+        if status[backend] is not None:
+            raise BackendUnavailableError("%s: backend %r cannot run here: %s" % (op, backend, status[backend]))
+        return _REGISTRY[op][backend][0]
+    for name in AUTO_ORDER.get(device.type, ("torch",)):
+        if status[name] is None:
+            return _REGISTRY[op][name][0]
+    lines = "\n".join("  %s: %s" % (b, r) for b, r in status.items())
+    raise BackendUnavailableError("%s: no backend can run on %s with %s:\n%s" % (op, device, tuple(dtypes), lines))
+
+
+def available_backends(op: Optional[str] = None, device=None) -> List[str]:
+    """Backends that can run ``op`` (any op if None) on ``device`` (default: every device present here)."""
+    if device is None:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:
+        devices = [torch.device(device)]
+    names = []
+    for name in BACKENDS:
+        for o in ([op] if op else ops()):
+            if any(backend_status(o, d)[name] is None for d in devices):
+                names.append(name)
+                break
+    return names

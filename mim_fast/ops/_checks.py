@@ -1,0 +1,84 @@
+"""Argument checks shared by the public ops: clear ValueError/TypeError naming the argument.
+
+Value checks that would need a device→host sync (noise in (0, 1), lengths ≤ T on a GPU tensor) run
+only on CPU tensors and never while torch.compile traces; everything else is metadata only.
+"""
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def shape_str(shape) -> str:
+    return str(tuple(int(s) for s in shape))
+
+
+def tensor(name: str, value, *, ndim: Optional[int] = None, layout: str = "") -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError("%s must be a torch.Tensor%s; got %s" % (name, " " + layout if layout else "",
+                                                                 type(value).__name__))
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError("%s must be %d-D %s; got shape %s" % (name, ndim, layout, shape_str(value.shape)))
+    return value
+
+
+def float_tensor(name: str, value, *, ndim: Optional[int] = None, layout: str = "") -> torch.Tensor:
+    tensor(name, value, ndim=ndim, layout=layout)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError("%s must be a floating-point tensor (float16, bfloat16, float32 or float64); got %s"
+                        % (name, value.dtype))
+    return value
+
+
+def same_shape(name: str, value: torch.Tensor, expected, layout: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError("%s must have shape %s %s; got %s" % (name, shape_str(expected), layout,
+                                                              shape_str(value.shape)))
+
+
+def same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError("%s is on %s but %s is on %s: all tensors must be on one device"
+                             % (name, t.device, ref_name, ref.device))
+
+
+def nonempty(name: str, sizes: dict) -> None:
+    for dim, size in sizes.items():
+        if size < 1:
+            raise ValueError("%s: %s must be >= 1; got %d" % (name, dim, size))
+
+
+def choice(name: str, value, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError("%s must be one of %s; got %r" % (name, ", ".join(repr(o) for o in options), value))
+    return value
+
+
+def real(name: str, value, *, gt: Optional[float] = None, ge: Optional[float] = None,
+         lt: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be a real number; got %s" % (name, type(value).__name__))
+    v = float(value)
+    ok = math.isfinite(v) and (gt is None or v > gt) and (ge is None or v >= ge) and (lt is None or v < lt)
+    if not ok:
+        bounds = [b for b in (gt is not None and "> %g" % gt, ge is not None and ">= %g" % ge,
+                              lt is not None and "< %g" % lt) if b]
+        raise ValueError("%s must be a finite number%s; got %r" % (name, (" " + " and ".join(bounds)) if bounds
+                                                                   else "", value))
+    return v
+
+
+def nonneg_int(name: str, value, *, bits: int = 63) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("%s must be a Python int; got %s" % (name, type(value).__name__))
+    if not 0 <= value < 2**bits:
+        raise ValueError("%s must be in [0, 2^%d); got %d" % (name, bits, value))
+    return value
+
+
+def can_inspect_values(t: torch.Tensor) -> bool:
+    """True when reading t's values costs no device sync and no graph break."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -1,0 +1,120 @@
+"""``mim_fast.purify_gate``: SPEC §1, the Unimodal Purification Network's gate and gated pooling."""
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._types import PurifyGateOutput
+from . import _backends, _checks
+
+__all__ = ["purify_gate"]
+
+MODES = ("sample", "expected")
+ACTIVATIONS = ("tanh", "relu", "identity")
+PENALTIES = ("mim", "threshold")
+
+
+def purify_gate(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    noise: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    mode: str = "sample",
+    activation: str = "tanh",
+    penalty: str = "mim",
+    lengths: Optional[torch.Tensor] = None,
+    batch_first: bool = False,
+    beta: float = 1 / 3,
+    gamma: float = -0.2,
+    zeta: float = 1.0,
+    loc_bias: float = 3.0,
+    threshold: float = 0.6,
+    backend: str = "auto",
+) -> PurifyGateOutput:
+    """Hard-concrete purification gate with gated mean pooling (SPEC §1).
+
+    Args:
+        x: features (T, B, D), or (B, T, D) with ``batch_first=True`` (read through strides, no copy).
+            float16, bfloat16, float32 or float64.
+        logits: gate logits g (B, T), any float dtype, same device as x.
+        noise: optional uniform noise u (B, T) in (0, 1) (clamped to [1e-6, 1 − 1e-6]); mode "sample" only.
+        seed, offset: draw the noise in-op as ``u[b, t] = philox_uniform(seed, offset + b·T + t)``
+            (pass either noise or seed). With neither in mode "sample", a seed is drawn from torch's
+            default CPU generator, so ``torch.manual_seed`` makes the call repeatable.
+        mode: "sample" (stochastic gate, training; what MIM also uses in evaluation) or "expected"
+            (deterministic s = σ(a); noise and seed are ignored).
+        activation: φ, "tanh" (MIM), "relu" or "identity".
+        penalty: "mim" (q = P(c > 0), the published expected-L0) or "threshold" (q = P(c > τ), the
+            probability that the hard gate opens).
+        lengths: optional (B,) integer steps per sample (0 ≤ lengths ≤ T), on x's device or the CPU.
+            Steps t ≥ lengths[b] are padding: closed, never read, no gradient; pooling divides by
+            lengths[b] (0 for an empty sample) and the penalty averages over valid steps only.
+        beta, gamma, zeta, loc_bias, threshold: β > 0, γ < 0 < ζ, 0 ≤ τ < 1 with γ < τ < ζ.
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        ``PurifyGateOutput(pooled (B, D) in x.dtype, penalty () in logits.dtype, gate (B, T) in
+        logits.dtype with values exactly 0/1)``.
+
+    Numerics: computed in float32 (float64 when x, logits or noise is float64). Gradients flow to x
+    (closed gates pass none) and to logits through the straight-through estimator and the penalty.
+    The gate is deterministic given (logits, noise) or (logits, seed, offset).
+    """
+    if not isinstance(batch_first, bool):
+        raise TypeError("batch_first must be a bool; got %s" % type(batch_first).__name__)
+    layout = "(B, T, D) (batch_first=True)" if batch_first else "(T, B, D) (batch_first=False)"
+    _checks.float_tensor("x", x, ndim=3, layout=layout)
+    B, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
+    D = x.shape[2]
+    _checks.nonempty("x", {"T": T, "B": B, "D": D})
+    _checks.float_tensor("logits", logits, ndim=2, layout="(B, T)")
+    _checks.same_shape("logits", logits, (B, T), "(B, T) to match x %s" % _checks.shape_str(x.shape))
+    _checks.choice("mode", mode, MODES)
+    _checks.choice("activation", activation, ACTIVATIONS)
+    _checks.choice("penalty", penalty, PENALTIES)
+    beta = _checks.real("beta", beta, gt=0.0)
+    gamma = _checks.real("gamma", gamma, lt=0.0)
+    zeta = _checks.real("zeta", zeta, gt=0.0)
+    loc_bias = _checks.real("loc_bias", loc_bias)
+    threshold = _checks.real("threshold", threshold, ge=0.0, lt=1.0)
+    if not gamma < threshold < zeta:
+        raise ValueError("threshold must satisfy gamma < threshold < zeta; got gamma=%g, threshold=%g, zeta=%g"
+                         % (gamma, threshold, zeta))
+    _checks.same_device("x", x, logits=logits)
+
+    if noise is not None and seed is not None:
+        raise ValueError("pass either noise or seed (with offset), not both")
+    if noise is not None:
+        _checks.float_tensor("noise", noise, ndim=2, layout="(B, T)")
+        _checks.same_shape("noise", noise, (B, T), "(B, T) to match logits")
+        _checks.same_device("x", x, noise=noise)
+        if _checks.can_inspect_values(noise) and not bool(((noise > 0) & (noise < 1)).all()):
+            raise ValueError("noise must lie in the open interval (0, 1)")
+    if seed is not None:
+        _checks.nonneg_int("seed", seed)
+    _checks.nonneg_int("offset", offset)
+    if offset + B * T > 2**63:
+        raise ValueError("offset + B·T must be <= 2^63; got offset=%d, B·T=%d" % (offset, B * T))
+    if lengths is not None:
+        _checks.tensor("lengths", lengths, ndim=1, layout="(B,)")
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError("lengths must be an integer tensor; got %s" % lengths.dtype)
+        _checks.same_shape("lengths", lengths, (B,), "(B,) to match x")
+        if lengths.device != x.device and lengths.device.type != "cpu":
+            raise ValueError("lengths is on %s but x is on %s: pass lengths on x's device or the CPU"
+                             % (lengths.device, x.device))
+        if _checks.can_inspect_values(lengths) and not bool(((lengths >= 0) & (lengths <= T)).all()):
+            raise ValueError("lengths must lie in [0, T=%d]; got min %d, max %d"
+                             % (T, int(lengths.min()), int(lengths.max())))
+    if mode == "sample" and noise is None and seed is None:
+        seed = reference.draw_seed()  # drawn here so every backend sees the same seed
+
+    impl = _backends.select("purify_gate", backend, x.device, (x.dtype, logits.dtype))
+    return impl(x, logits, noise=noise, seed=seed, offset=offset, mode=mode, activation=activation,
+                penalty=penalty, lengths=lengths, batch_first=batch_first, beta=beta, gamma=gamma, zeta=zeta,
+                loc_bias=loc_bias, threshold=threshold)
+
+
+_backends.register("purify_gate", "torch", reference.purify_gate, _backends.always)

@@ -1,0 +1,321 @@
+"""The eager PyTorch implementation of shared/SPEC.md: the test oracle and the ``"torch"`` backend.
+
+Every formula here is written as close to the spec as PyTorch allows, with autograd providing the
+backward. Fused backends are tested against these functions. Nothing here checks arguments: the
+public functions in :mod:`mim_fast` do that before calling in.
+
+Numerics
+--------
+* Compute dtype: float64 when any floating input is float64, otherwise float32 (float16/bfloat16
+  inputs are upcast); results are cast back (see each function).
+* Noise: Philox4x32-10 keyed by (seed, counter), bit-identical to Triton's ``tl.rand``; the gate's
+  noise is ``u[b, t] = philox_uniform(seed, offset + b·T + t)`` clamped to [1e-6, 1 − 1e-6].
+* Deterministic: no atomics, no randomness beyond the (seed, offset) noise.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from ._types import KGSLossOutput, PurifyGateOutput
+
+__all__ = [
+    "philox4x32_10",
+    "philox_uniform",
+    "philox_uniform_counters",
+    "gate_open_probability",
+    "purify_gate",
+    "KGSRouting",
+    "kgs_routing",
+    "kgs_terms",
+    "kgs_loss",
+]
+
+# ----------------------------------------------------------------------------------------------------
+# Counter-based noise (Philox4x32-10), in int64 torch ops so it runs on any device
+# ----------------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+# float32(4.6566127342e-10): the largest float s with (2^31 - 1)·s < 1 (Triton's uint_to_uniform_float).
+_UNIFORM_SCALE = float.fromhex("0x1.fffffep-32")
+NOISE_EPS = 1e-6
+
+
+def _mulhilo32(a: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a·b for uint32 values a (held in int64) and a uint32 constant b.
+
+    int64 cannot hold a 64-bit product, so b is split into 16-bit halves: both partial products
+    stay below 2^48.
+    """
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
+    return hi, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1, rounds: int = 10):
+    """Philox4x32 (Salmon et al., SC'11) on uint32 words held in int64 tensors (or Python ints for k).
+
+    Same round function and key schedule as Triton's ``tl.philox``. Returns the four output words.
+    """
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mulhilo32(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_uniform_counters(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1): ``tl.rand(seed, counters)`` for int64 ``counters`` of any shape.
+
+    The 64-bit counter n is the Philox counter (lo32(n), hi32(n), 0, 0); the key is (lo32(seed),
+    hi32(seed)). The first output word w becomes a float as in Triton: v = w as int32, v = ~v if
+    v < 0, u = float32(v) · float32(4.6566127342e-10).
+    """
+    n = counters.to(torch.int64)
+    lo = n & _M32
+    hi = (n >> 32) & _M32
+    zero = torch.zeros_like(lo)
+    w, _, _, _ = philox4x32_10(lo, hi, zero, zero, seed & _M32, (seed >> 32) & _M32)
+    v = torch.where(w >= 2**31, _M32 - w, w)  # ~int32(w) for the negative half, as an unsigned value
+    return v.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=v.device)
+
+
+def philox_uniform(seed: int, offset: int, shape: Sequence[int], device=None) -> torch.Tensor:
+    """float32 tensor of ``shape`` with u[idx] = tl.rand(seed, offset + row-major linear index of idx)."""
+    numel = math.prod(shape)
+    counters = torch.arange(numel, dtype=torch.int64, device=device) + offset
+    return philox_uniform_counters(seed, counters).reshape(tuple(shape))
+
+
+def draw_seed() -> int:
+    """A fresh Philox seed from torch's default CPU generator (so torch.manual_seed makes it repeatable)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+# ----------------------------------------------------------------------------------------------------
+# SPEC §1: purification gate (hard-concrete gate + gated mean pooling)
+# ----------------------------------------------------------------------------------------------------
+def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def penalty_log_ratio(penalty: str, gamma: float, zeta: float, threshold: float) -> float:
+    """ln(−γ/ζ) for penalty "mim" (q = P(c > 0)); ln((τ−γ)/(ζ−τ)) for "threshold" (q = P(c > τ))."""
+    if penalty == "mim":
+        return math.log(-gamma / zeta)
+    return math.log((threshold - gamma) / (zeta - threshold))
+
+
+def gate_open_probability(logits: torch.Tensor, *, penalty: str = "mim", beta: float = 1 / 3,
+                          gamma: float = -0.2, zeta: float = 1.0, loc_bias: float = 3.0,
+                          threshold: float = 0.6) -> torch.Tensor:
+    """Per-step penalty q (B, T): σ(a − β·ln(−γ/ζ)) ("mim") or σ(a − β·ln((τ−γ)/(ζ−τ))) ("threshold").
+
+    Under mode "sample", "threshold" is exactly P(gate open) = P(c > τ) and "mim" is P(c > 0).
+    Computed in float32 (float64 for float64 logits), returned in the compute dtype.
+    """
+    a = logits.to(_compute_dtype(logits)) + loc_bias
+    return torch.sigmoid(a - beta * penalty_log_ratio(penalty, gamma, zeta, threshold))
+
+
+def purify_gate(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    noise: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    mode: str = "sample",
+    activation: str = "tanh",
+    penalty: str = "mim",
+    lengths: Optional[torch.Tensor] = None,
+    batch_first: bool = False,
+    beta: float = 1 / 3,
+    gamma: float = -0.2,
+    zeta: float = 1.0,
+    loc_bias: float = 3.0,
+    threshold: float = 0.6,
+) -> PurifyGateOutput:
+    """SPEC §1, eager. x (T, B, D) or (B, T, D) with batch_first; logits (B, T); noise (B, T) or None.
+
+    With ``lengths`` (B,), steps t ≥ lengths[b] are padding: the gate is forced closed with no
+    gradient (neither through the straight-through path nor the penalty), x there is never read into
+    the result, the pooling divides by lengths[b] (a sample of length 0 pools to 0), and the penalty
+    is the mean of q over the valid steps only (0 when there are none).
+    """
+    xs = x.transpose(0, 1) if batch_first else x  # (T, B, D) view, no copy
+    T, B, _ = xs.shape
+    acc = _compute_dtype(x, logits, noise)
+    a = logits.to(acc) + loc_bias  # (B, T) log-alpha
+
+    if mode == "sample":
+        if noise is None:
+            u = philox_uniform(draw_seed() if seed is None else seed, offset, (B, T), device=x.device)
+        else:
+            u = noise
+        u = u.to(acc).clamp(NOISE_EPS, 1.0 - NOISE_EPS)
+        ell = torch.log(u) - torch.log(1.0 - u)  # logistic noise
+        s = torch.sigmoid((ell + a) / beta)
+    else:
+        s = torch.sigmoid(a)
+    s_bar = (zeta - gamma) * s + gamma
+    c = torch.clamp(s_bar, 0.0, 1.0)
+    h = (c > threshold).to(acc)
+    # Straight-through estimator written as h + (c − sg(c)): the forward value is exactly h (c − c is
+    # exactly 0), which c + sg(h − c) would only round to; the gradient w.r.t. c is 1 either way.
+    z = h + (c - c.detach())
+
+    q = gate_open_probability(logits.to(acc), penalty=penalty, beta=beta, gamma=gamma, zeta=zeta,
+                              loc_bias=loc_bias, threshold=threshold)
+    if lengths is None:
+        P = q.mean()
+        denom = float(T)
+        y = xs.to(acc) * z.t().unsqueeze(-1)  # (T, B, D)
+    else:
+        valid = torch.arange(T, device=x.device).unsqueeze(0) < lengths.to(x.device).unsqueeze(1)  # (B, T)
+        h = torch.where(valid, h, torch.zeros_like(h))
+        z = torch.where(valid, z, torch.zeros_like(z))
+        # where(), not a product with the mask: padding may hold anything (inf, NaN) and must neither
+        # reach the result nor receive a gradient.
+        P = torch.where(valid, q, torch.zeros_like(q)).sum() / valid.sum().clamp(min=1).to(acc)
+        denom = lengths.to(device=x.device, dtype=acc).clamp(min=1).unsqueeze(1)  # (B, 1)
+        y = torch.where(valid.t().unsqueeze(-1), xs.to(acc) * z.t().unsqueeze(-1), 0.0)
+
+    if activation == "tanh":
+        phi = torch.tanh(y)
+    elif activation == "relu":
+        phi = torch.relu(y)
+    else:
+        phi = y
+    pooled = phi.sum(dim=0) / denom
+    return PurifyGateOutput(pooled.to(x.dtype), P.to(logits.dtype), h.to(logits.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SPEC §2: the KGS loss
+# ----------------------------------------------------------------------------------------------------
+class KGSRouting(NamedTuple):
+    """Every routing decision of the KGS loss, all built from detached errors (no gradient).
+
+    intra_k:    (M, B) bool, I: the masked branch is better and teaches the unmasked one.
+    intra_u:    (M, B) bool, J: the unmasked branch is better and teaches the masked one.
+    alpha:      (M, B) the Adjuster weights, Σ_m = M.
+    teacher:    (B,) int64, -1 when the lowest error is tied.
+    kd_T:       (B,) T_i = kd_scale·α[t(i), i] (meaningless where teacher = -1).
+    kd_s:       (B,) the softmax temperature s_i (T_i with kd_divide_T, else 1).
+    """
+
+    intra_k: torch.Tensor
+    intra_u: torch.Tensor
+    alpha: torch.Tensor
+    teacher: torch.Tensor
+    kd_T: torch.Tensor
+    kd_s: torch.Tensor
+
+
+def kgs_routing(yk: torch.Tensor, yu: torch.Tensor, y: torch.Tensor, *, per_sample: bool = True,
+                kd_scale: float = 10.0, kd_divide_T: bool = False, eps: float = 1e-12) -> KGSRouting:
+    """Routing of SPEC §2 from (M, B) predictions and (B,) labels, computed on detached values.
+
+    NaN errors compare false: a NaN error never makes a branch "better", and a sample with any NaN
+    modality error has no teacher.
+    """
+    yk, yu, y = yk.detach(), yu.detach(), y.detach()
+    M, B = yk.shape
+    rk = (yk - y).abs()
+    ru = (yu - y).abs()
+    if not per_sample:  # the released code: decisions from batch-mean errors
+        rk = rk.mean(dim=1, keepdim=True).expand(M, B)
+        ru = ru.mean(dim=1, keepdim=True).expand(M, B)
+    intra_k = rk < ru
+    intra_u = rk > ru
+    lam = rk / (rk.sum(dim=0, keepdim=True) + eps)
+    inv = 1.0 / (1.0 + lam)
+    alpha = M * inv / inv.sum(dim=0, keepdim=True)
+    rmin = rk.min(dim=0).values  # NaN if any error of the sample is NaN
+    is_min = rk == rmin.unsqueeze(0)
+    has_teacher = is_min.sum(dim=0) == 1
+    first_min = is_min.to(torch.int8).argmax(dim=0)
+    teacher = torch.where(has_teacher, first_min, torch.full_like(first_min, -1))
+    kd_T = kd_scale * alpha.gather(0, first_min.unsqueeze(0)).squeeze(0)
+    kd_s = kd_T if kd_divide_T else torch.ones_like(kd_T)
+    return KGSRouting(intra_k, intra_u, alpha, teacher, kd_T, kd_s)
+
+
+def kgs_terms(yk: torch.Tensor, yu: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
+              routing: KGSRouting, *, yk_sg: Optional[torch.Tensor] = None,
+              yu_sg: Optional[torch.Tensor] = None, h_sg: Optional[torch.Tensor] = None):
+    """Per-sample terms (intra, inter, masked, unmasked), each (B,), for a fixed routing.
+
+    ``*_sg`` are the stop-gradient copies (default: the detached inputs). Passing fixed values makes
+    this a smooth function of (yk, yu, y, h), which is how the tests gradcheck the reference.
+    """
+    yk_sg = yk.detach() if yk_sg is None else yk_sg
+    yu_sg = yu.detach() if yu_sg is None else yu_sg
+    h_sg = h.detach() if h_sg is None else h_sg
+    M, B, D = h.shape
+    zero = yk.new_zeros(())
+    # where(), not a product with the 0/1 mask: the unselected branch gets exactly zero gradient even
+    # when it holds inf/NaN.
+    intra = (torch.where(routing.intra_k, (yk_sg - yu) ** 2, zero)
+             + torch.where(routing.intra_u, (yk - yu_sg) ** 2, zero)).sum(dim=0)
+
+    has_teacher = routing.teacher >= 0
+    t_idx = routing.teacher.clamp(min=0)
+    s = routing.kd_s.to(h.dtype)
+    h_teacher = h_sg.gather(0, t_idx.view(1, B, 1).expand(1, B, D)).squeeze(0)  # (B, D)
+    log_p = torch.log_softmax(h_teacher / s.unsqueeze(1), dim=-1)
+    student = has_teacher.unsqueeze(0) & (torch.arange(M, device=h.device).unsqueeze(1) != t_idx.unsqueeze(0))
+    h_student = torch.where(student.unsqueeze(-1), h, h.new_zeros(()))
+    log_q = torch.log_softmax(h_student / s.view(1, B, 1), dim=-1)
+    kl = (log_p.exp().unsqueeze(0) * (log_p.unsqueeze(0) - log_q)).sum(dim=-1)  # (M, B)
+    kl = torch.where(student, kl, h.new_zeros(()))
+    inter = torch.where(has_teacher, 0.5 * routing.kd_T.to(h.dtype) ** 2 * kl.sum(dim=0), h.new_zeros(()))
+
+    masked = (yk - y).abs().sum(dim=0)
+    unmasked = (yu - y).abs().sum(dim=0)
+    return intra, inter, masked, unmasked
+
+
+def kgs_loss(
+    yk: torch.Tensor,
+    yu: torch.Tensor,
+    y: torch.Tensor,
+    h: torch.Tensor,
+    *,
+    per_sample: bool = True,
+    kd_scale: float = 10.0,
+    kd_divide_T: bool = False,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    reduction: str = "mean",
+    eps: float = 1e-12,
+) -> KGSLossOutput:
+    """SPEC §2, eager. yk, yu (M, B); y (B,); h (M, B, D).
+
+    The loss and terms are computed in float32 (float64 if any input is float64) and returned in the
+    promoted dtype of the inputs; alpha likewise; teacher is int64.
+    """
+    out_dtype = torch.promote_types(torch.promote_types(yk.dtype, yu.dtype), torch.promote_types(y.dtype, h.dtype))
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    yk_, yu_, y_, h_ = yk.to(acc), yu.to(acc), y.to(acc), h.to(acc)
+    routing = kgs_routing(yk_, yu_, y_, per_sample=per_sample, kd_scale=kd_scale, kd_divide_T=kd_divide_T, eps=eps)
+    terms = kgs_terms(yk_, yu_, y_, h_, routing)
+    w_intra, w_inter, w_masked, w_unmasked = (float(w) for w in weights)
+    loss = w_intra * terms[0] + w_inter * terms[1] + w_masked * terms[2] + w_unmasked * terms[3]
+    if reduction == "mean":
+        reduce = lambda v: v.mean()  # noqa: E731
+    elif reduction == "sum":
+        reduce = lambda v: v.sum()  # noqa: E731
+    else:
+        reduce = lambda v: v  # noqa: E731
+    loss, intra, inter, masked, unmasked = (reduce(v).to(out_dtype) for v in (loss,) + tuple(terms))
+    return KGSLossOutput(loss, intra, inter, masked, unmasked, routing.teacher, routing.alpha.to(out_dtype))

@@ -1,0 +1,38 @@
+"""Triton kernel for :func:`mim_fast.philox_uniform`: u[i] = tl.rand(seed, offset + i).
+
+The 64-bit counter is passed to Philox as (lo32, hi32, 0, 0) explicitly rather than through
+``tl.rand`` so the stream does not depend on how a Triton version treats int64 offsets.
+Bytes: 4·n written, nothing read; one launch.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def philox_uniform_block(seed, counters):
+    """float32 uniforms in [0, 1) for an int64 block of counters (the gate kernels call this too)."""
+    lo = counters.to(tl.uint32)
+    hi = (counters >> 32).to(tl.uint32)
+    zero = lo * 0
+    w, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(w)
+
+
+@triton.jit
+def _philox_uniform_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    u = philox_uniform_block(seed, idx + offset)
+    tl.store(out_ptr + idx, u, mask=mask)
+
+
+def philox_uniform(seed: int, offset: int, shape, device) -> torch.Tensor:
+    out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+    n = out.numel()
+    if n == 0:
+        return out
+    # Big blocks: under TRITON_INTERPRET=1 each program instance costs ~1 ms of Python.
+    block = 1024 if out.is_cuda else 4096
+    _philox_uniform_kernel[(triton.cdiv(n, block),)](out, n, seed, offset, BLOCK=block)
+    return out

@@ -1,0 +1,38 @@
+"""Shared test setup.
+
+* Triton: without a GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1), which must
+  be set before triton compiles anything, i.e. here, before any test module imports mim_fast.triton.
+* Randomness: every test gets fresh random inputs. The session draws a base seed (or takes
+  MIM_FAST_TEST_SEED to replay a failure); each test seeds torch with (base seed, test id) and the
+  base seed is printed in the header.
+"""
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+BASE_SEED = int(os.environ.get("MIM_FAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return "mim_fast test seed: MIM_FAST_TEST_SEED=%d (set it to replay this run's random inputs)" % BASE_SEED
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch(request):
+    seed = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
