@@ -79,13 +79,17 @@ def _extensions():
         ("MIM_FAST_CUDA_ARCHS", '"%s"' % archs),
         ("MIM_FAST_TORCH_VERSION", '"%s"' % torch.__version__),
     ]
-    extra = {"cxx": ["-O3"]}
+    # No contraction of a*b+c into FMAs: the gate math (kernels/mim_math.h) must round every operation
+    # exactly as the torch reference and the Triton kernels do, so gates are bit-identical everywhere.
+    # -fno-trapping-math lets the compiler evaluate both sides of a branchless select (so the feature
+    # loops vectorize) without changing any computed value.
+    extra = {"cxx": ["-O3", "-ffp-contract=off", "-fno-trapping-math"]}
     if os.environ.get("MIM_FAST_NATIVE") == "1":  # opt-in: fast here, not portable to other CPUs
         extra["cxx"].append("-march=native")
     include_dirs = [os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("kernels", "*.cu")))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
         include_dirs += _nvidia_wheel_includes()
     return [
         Extension(

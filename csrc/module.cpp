@@ -12,6 +12,19 @@
 TORCH_LIBRARY(mim_fast, m) {
   // Counter-based uniform noise (Philox4x32-10, Triton's tl.rand). counters: int64, any shape.
   m.def("philox_uniform(Tensor counters, int seed) -> Tensor");
+  // The fused purification gate (SPEC §1); x is (T, B, D) with any strides. Hyper-parameters arrive
+  // folded (zeta_gamma = ζ − γ, pen_shift = β·ln ratio) as the Python wrapper computes them.
+  // Returns (pooled, penalty, gate, ste, dq, inv_count); the last three are saved for the backward.
+  m.def(
+      "purify_gate_forward(Tensor x, Tensor logits, Tensor? noise, Tensor? lengths, int seed, int offset, "
+      "str mode, str activation, float loc_bias, float beta, float zeta_gamma, float gamma, float threshold, "
+      "float pen_shift) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_logits).
+  m.def(
+      "purify_gate_backward(Tensor grad_pooled, Tensor grad_penalty, Tensor x, Tensor gate, Tensor ste, "
+      "Tensor dq, Tensor inv_count, Tensor? lengths, str activation) -> (Tensor, Tensor)");
+  // Test access to the shared float32 math (exp, log, sigmoid, tanh) of kernels/mim_math.h.
+  m.def("_math32(Tensor x, str fn) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -2,9 +2,20 @@
 //
 // Everything here is a pure function of its arguments: no torch, no allocation, no globals, so the
 // same code runs on the host and the device and the CPU tests cover the CUDA math.
+//
+// Floating-point contract: this header is compiled WITHOUT contraction of a*b+c into fused
+// multiply-adds (setup.py passes -ffp-contract=off to the host compiler and --fmad=false to nvcc), and
+// divisions are IEEE-rounded (nvcc's default -prec-div=true). Every float32 operation below is then one
+// IEEE-rounded basic operation, so the gate functions give bit-identical results on the CPU, on the GPU,
+// in the Triton kernels (mim_fast/triton/_math.py, launched with enable_fp_fusion=False) and in the torch
+// reference (mim_fast/reference.py), which implement the same sequence of operations.
 #pragma once
 
+#include <math.h>
+
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define MIM_HD __host__ __device__ __forceinline__
@@ -73,6 +84,201 @@ MIM_HD float philox_uniform(uint64_t seed, uint64_t counter) {
   const Philox4 r = philox4x32_10(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u,
                                   0u, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   return uint32_to_uniform(r.x[0]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// float32 exp / log / sigmoid / tanh from IEEE basic operations only.
+//
+// libm and CUDA's libdevice round their transcendental functions differently in the last bit; a gate
+// decision 1[c > τ] taken on such a value could then differ between devices. These versions are
+// accurate to a few ulp and, being sequences of +, −, ×, ÷ and bit moves, identical everywhere.
+// float64 (CPU only) uses the C library: fp64 gates are not promised bit-identical across backends.
+// ---------------------------------------------------------------------------------------------------
+MIM_HD float bits_to_float(int32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+
+MIM_HD int32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  int32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+#endif
+}
+
+// e^x: 0 below −87 (no subnormal results), +inf above 88, NaN for NaN. x = k·ln2 + r with k rounded
+// to nearest by the 1.5·2^23 trick (exact for |x·log2e| < 2^22), ln2 split in two so k·ln2_hi is
+// exact, then a degree-7 Taylor polynomial in |r| ≤ 0.35 and 2^k assembled in the exponent bits.
+MIM_HD float exp32(float x) {
+  const float kRound = 0x1.8p+23f;
+  const float t = x * 0x1.715476p+0f;  // log2(e)
+  const float kf = (t + kRound) - kRound;
+  float r = x - kf * 0x1.63p-1f;       // ln2 high part (9 significant bits)
+  r = r - kf * -0x1.bd0106p-13f;       // ln2 low part
+  float p = 0x1.a01a02p-13f;           // 1/7!
+  p = p * r + 0x1.6c16c2p-10f;         // 1/6!
+  p = p * r + 0x1.111112p-7f;          // 1/5!
+  p = p * r + 0x1.555556p-5f;          // 1/4!
+  p = p * r + 0x1.555556p-3f;          // 1/3!
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const bool in_range = x >= -87.0f && x <= 88.0f;  // false for NaN too
+  const int32_t k = static_cast<int32_t>(in_range ? kf : 0.0f);
+  const float scaled = p * bits_to_float((k + 127) << 23);
+  return x < -87.0f ? 0.0f : (x > 88.0f ? INFINITY : scaled);
+}
+
+// ln(x) for x > 0 (normal); −inf at 0, NaN below 0 or for NaN, +inf at +inf. x = m·2^e with m in
+// [√½, √2); ln(m) = 2·atanh(s), s = (m − 1)/(m + 1), |s| ≤ 0.172, by its odd series to s^11.
+MIM_HD float log32(float x) {
+  const int32_t bits = float_to_bits(x);
+  int32_t e = ((bits >> 23) & 0xFF) - 127;
+  float m = bits_to_float((bits & 0x007FFFFF) | 0x3F800000);  // [1, 2)
+  const bool hi = m > 0x1.6a09e6p+0f;                        // √2
+  m = hi ? m * 0.5f : m;
+  e = hi ? e + 1 : e;
+  const float f = m - 1.0f;
+  const float s = f / (2.0f + f);
+  const float w = s * s;
+  float p = 0x1.745d18p-4f;            // 1/11
+  p = p * w + 0x1.c71c72p-4f;          // 1/9
+  p = p * w + 0x1.24924ap-3f;          // 1/7
+  p = p * w + 0x1.99999ap-3f;          // 1/5
+  p = p * w + 0x1.555556p-2f;          // 1/3
+  const float log1p_f = (s + s) + (s + s) * (w * p);
+  const float ef = static_cast<float>(e);
+  const float r = ef * 0x1.62e4p-1f + (log1p_f + ef * 0x1.7f7d1cp-20f);
+  // Special values (subnormals are not needed here: the gate's noise lies in [1e-6, 1 − 1e-6]).
+  return x > 0.0f && x < INFINITY ? r : (x == 0.0f ? -INFINITY : (x == INFINITY ? INFINITY : NAN));
+}
+
+MIM_HD float sigmoid32(float x) { return 1.0f / (1.0f + exp32(-x)); }
+
+// tanh: an odd polynomial below 0.55 (fitted, < 1 ulp), 1 − 2/(e^{2|x|} + 1) above (a few ulp).
+MIM_HD float tanh32(float x) {
+  const float ax = fabsf(x);
+  const float x2 = x * x;
+  float p = -0x1.9c1070p-8f;
+  p = p * x2 + 0x1.596866p-6f;
+  p = p * x2 + -0x1.b92e5ap-5f;
+  p = p * x2 + 0x1.110d50p-3f;
+  p = p * x2 + -0x1.55554cp-2f;
+  const float small = x + x * (x2 * p);
+  const float big = 1.0f - 2.0f / (exp32(ax + ax) + 1.0f);
+  return ax < 0.55f ? small : copysignf(big, x);
+}
+
+template <typename T> MIM_HD T exp_(T x);
+template <typename T> MIM_HD T log_(T x);
+template <typename T> MIM_HD T tanh_(T x);
+template <> MIM_HD float exp_<float>(float x) { return exp32(x); }
+template <> MIM_HD float log_<float>(float x) { return log32(x); }
+// The pooled features need no bit-identity (only the gate decisions do), so on the GPU tanh is CUDA's
+// own tanhf (a few instructions, ≤ 2 ulp) rather than tanh32's IEEE division: the backward pass is
+// close to compute-bound for 16-bit features.
+template <> MIM_HD float tanh_<float>(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::tanhf(x);
+#else
+  return tanh32(x);
+#endif
+}
+#if !defined(__CUDA_ARCH__)
+template <> inline double exp_<double>(double x) { return std::exp(x); }
+template <> inline double log_<double>(double x) { return std::log(x); }
+template <> inline double tanh_<double>(double x) { return std::tanh(x); }
+#endif
+template <typename T> MIM_HD T sigmoid_(T x) { return T(1) / (T(1) + exp_<T>(-x)); }
+
+// ---------------------------------------------------------------------------------------------------
+// SPEC §1: the purification gate at one step (b, t), and the activation φ with its derivative.
+// ---------------------------------------------------------------------------------------------------
+enum GateMode : int { kSample = 0, kExpected = 1 };
+enum Activation : int { kTanh = 0, kRelu = 1, kIdentity = 2 };
+
+// Hyper-parameters folded into the constants the kernels use, each computed in double on the host
+// and rounded once to the compute type (as the torch reference does with its Python floats).
+template <typename T>
+struct GateParams {
+  T loc_bias;     // a = g + loc_bias
+  T beta;         // temperature β
+  T zeta_gamma;   // ζ − γ
+  T gamma;        // γ
+  T threshold;    // τ
+  T pen_shift;    // β·ln(−γ/ζ) ("mim") or β·ln((τ−γ)/(ζ−τ)) ("threshold")
+  T noise_lo;     // 1e-6
+  T noise_hi;     // 1 − 1e-6
+  int mode;
+};
+
+template <typename T>
+struct GateStep {
+  T h;    // forward gate value, exactly 0 or 1
+  T ste;  // ∂c/∂g (straight-through: ∂z/∂c = 1): (ζ−γ)·1[0 ≤ s̄ ≤ 1]·s(1−s) (/β when sampling)
+  T q;    // the penalty's per-step probability
+};
+
+// g: the logit; u: the uniform noise (ignored in mode "expected").
+template <typename T>
+MIM_HD GateStep<T> gate_step(T g, T u, const GateParams<T>& p) {
+  const T a = g + p.loc_bias;
+  T s;
+  if (p.mode == kSample) {
+    u = u < p.noise_lo ? p.noise_lo : (u > p.noise_hi ? p.noise_hi : u);  // NaN stays NaN
+    const T ell = log_<T>(u) - log_<T>(T(1) - u);
+    s = sigmoid_<T>((ell + a) / p.beta);
+  } else {
+    s = sigmoid_<T>(a);
+  }
+  const T sbar = p.zeta_gamma * s + p.gamma;
+  const T c = sbar < T(0) ? T(0) : (sbar > T(1) ? T(1) : sbar);
+  GateStep<T> out;
+  out.h = c > p.threshold ? T(1) : T(0);
+  T ds = s * (T(1) - s);
+  ds = p.mode == kSample ? ds / p.beta : ds;
+  out.ste = (sbar >= T(0) && sbar <= T(1)) ? p.zeta_gamma * ds : T(0);
+  out.q = sigmoid_<T>(a - p.pen_shift);
+  return out;
+}
+
+// φ(x·0) and φ'(x·0), the values at a closed gate, without a transcendental: φ(±0) = ±0 and
+// tanh'(±0) = 1 exactly, NaN (from x·0 with x = NaN or ±inf) stays NaN where φ or φ' propagates it
+// (identity' is 1 regardless, relu'(NaN) = 1), so these equal activation(x·0) and
+// activation_grad(x·0) bit for bit.
+template <typename T>
+MIM_HD T activation_closed(T x) {
+  return x * T(0);
+}
+
+template <typename T>
+MIM_HD T activation_grad_closed(T x, int act) {
+  const T y = x * T(0);
+  return act == kRelu ? (y != y ? T(1) : T(0)) : (act == kTanh ? T(1) + y : T(1));
+}
+
+template <typename T>
+MIM_HD T activation(T y, int act) {
+  return act == kTanh ? tanh_<T>(y) : (act == kRelu ? (y < T(0) ? T(0) : y) : y);  // relu(NaN) = NaN
+}
+
+// φ'(y) as PyTorch's autograd computes it: relu'(y) = 0 for y ≤ 0 (so relu'(0) = 0, relu'(NaN) = 1),
+// tanh'(y) = 1 − tanh²(y).
+template <typename T>
+MIM_HD T activation_grad(T y, int act) {
+  if (act == kTanh) {
+    const T th = tanh_<T>(y);
+    return T(1) - th * th;
+  }
+  return act == kRelu ? (y <= T(0) ? T(0) : T(1)) : T(1);
 }
 
 }  // namespace math

@@ -12,6 +12,8 @@ from ._types import KGSLossOutput, PurifyGateOutput
 from .ops import (BACKENDS, BackendUnavailableError, available_backends, backend_status, kgs_loss,
                   philox_uniform, purify_gate)
 
+from . import nn  # noqa: E402  (after the ops it builds on)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "backend_status",
     "build_info",
     "kgs_loss",
+    "nn",
     "philox_uniform",
     "purify_gate",
     "reference",

@@ -25,6 +25,10 @@ __all__ = [
     "philox4x32_10",
     "philox_uniform",
     "philox_uniform_counters",
+    "exp32",
+    "log32",
+    "sigmoid32",
+    "tanh32",
     "gate_open_probability",
     "purify_gate",
     "KGSRouting",
@@ -102,8 +106,103 @@ def draw_seed() -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# float32 exp / log / sigmoid / tanh from IEEE basic operations (kernels/mim_math.h, operation for
+# operation): the gate's decisions 1[c > τ] are then bit-identical on every backend and device, which
+# libm/libdevice/Sleef transcendentals (each rounding its last bit its own way) would not give.
+# ----------------------------------------------------------------------------------------------------
+_H = float.fromhex
+_EXP_COEFFS = [_H("0x1.a01a02p-13"), _H("0x1.6c16c2p-10"), _H("0x1.111112p-7"), _H("0x1.555556p-5"),
+               _H("0x1.555556p-3"), 0.5, 1.0, 1.0]  # 1/7! ... 1/0!
+_LOG_COEFFS = [_H("0x1.745d18p-4"), _H("0x1.c71c72p-4"), _H("0x1.24924ap-3"), _H("0x1.99999ap-3"),
+               _H("0x1.555556p-2")]  # 1/11, 1/9, 1/7, 1/5, 1/3
+_TANH_COEFFS = [-_H("0x1.9c1070p-8"), _H("0x1.596866p-6"), -_H("0x1.b92e5ap-5"), _H("0x1.110d50p-3"),
+                -_H("0x1.55554cp-2")]  # fitted odd polynomial on [0, 0.55)
+
+
+def exp32(x: torch.Tensor) -> torch.Tensor:
+    """e^x for float32 x: 0 below −87, +inf above 88, NaN for NaN (mim_math.h exp32)."""
+    t = x * _H("0x1.715476p+0")
+    kf = (t + _H("0x1.8p+23")) - _H("0x1.8p+23")
+    r = x - kf * _H("0x1.63p-1")
+    r = r - kf * -_H("0x1.bd0106p-13")
+    p = torch.full_like(x, _EXP_COEFFS[0])
+    for c in _EXP_COEFFS[1:]:
+        p = p * r + c
+    in_range = (x >= -87.0) & (x <= 88.0)
+    k = torch.where(in_range, kf, torch.zeros_like(kf)).to(torch.int32)
+    scaled = p * ((k + 127) << 23).view(torch.float32)
+    return torch.where(x < -87.0, torch.zeros_like(x), torch.where(x > 88.0, torch.full_like(x, math.inf), scaled))
+
+
+def log32(x: torch.Tensor) -> torch.Tensor:
+    """ln(x) for float32 x (normal numbers; 0 → −inf, < 0 or NaN → NaN) (mim_math.h log32)."""
+    bits = x.view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 127
+    m = ((bits & 0x007FFFFF) | 0x3F800000).view(torch.float32)
+    hi = m > _H("0x1.6a09e6p+0")
+    m = torch.where(hi, m * 0.5, m)
+    e = e + hi.to(torch.int32)
+    f = m - 1.0
+    s = f / (2.0 + f)
+    w = s * s
+    p = torch.full_like(x, _LOG_COEFFS[0])
+    for c in _LOG_COEFFS[1:]:
+        p = p * w + c
+    log1p_f = (s + s) + (s + s) * (w * p)
+    ef = e.to(torch.float32)
+    r = ef * _H("0x1.62e4p-1") + (log1p_f + ef * _H("0x1.7f7d1cp-20"))
+    special = torch.where(x == 0, torch.full_like(x, -math.inf),
+                          torch.where(x == math.inf, torch.full_like(x, math.inf), torch.full_like(x, math.nan)))
+    return torch.where((x > 0) & (x < math.inf), r, special)
+
+
+def tanh32(x: torch.Tensor) -> torch.Tensor:
+    """tanh for float32 x (mim_math.h tanh32, the CPU kernels' activation)."""
+    ax = x.abs()
+    x2 = x * x
+    p = torch.full_like(x, _TANH_COEFFS[0])
+    for c in _TANH_COEFFS[1:]:
+        p = p * x2 + c
+    small = x + x * (x2 * p)
+    big = 1.0 - 2.0 / (exp32(ax + ax) + 1.0)
+    return torch.where(ax < 0.55, small, torch.copysign(big, x))
+
+
+def _sigmoid32_value(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (1.0 + exp32(-x))
+
+
+class _Sigmoid32(torch.autograd.Function):
+    """σ through exp32, with σ's usual derivative σ(1 − σ) (the forward's bit tricks have none)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        s = _sigmoid32_value(x)
+        ctx.save_for_backward(s)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        return grad * (s * (1.0 - s))
+
+
+def sigmoid32(x: torch.Tensor) -> torch.Tensor:
+    """σ(x) = 1 / (1 + exp32(−x)) for float32 x, differentiable (mim_math.h sigmoid32)."""
+    return _Sigmoid32.apply(x)
+
+
+# ----------------------------------------------------------------------------------------------------
 # SPEC §1: purification gate (hard-concrete gate + gated mean pooling)
 # ----------------------------------------------------------------------------------------------------
+def _gate_functions(acc: torch.dtype, exact_math: bool):
+    """(log, sigmoid) for the gate: the bit-reproducible float32 versions, or torch's own (float64, or
+    exact_math=False: the plain formulation the published code uses, e.g. as a benchmark baseline)."""
+    if acc == torch.float32 and exact_math:
+        return log32, sigmoid32
+    return torch.log, torch.sigmoid
+
+
 def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -123,8 +222,10 @@ def gate_open_probability(logits: torch.Tensor, *, penalty: str = "mim", beta: f
     Under mode "sample", "threshold" is exactly P(gate open) = P(c > τ) and "mim" is P(c > 0).
     Computed in float32 (float64 for float64 logits), returned in the compute dtype.
     """
-    a = logits.to(_compute_dtype(logits)) + loc_bias
-    return torch.sigmoid(a - beta * penalty_log_ratio(penalty, gamma, zeta, threshold))
+    acc = _compute_dtype(logits)
+    a = logits.to(acc) + loc_bias
+    _, sigmoid = _gate_functions(acc, exact_math=True)
+    return sigmoid(a - beta * penalty_log_ratio(penalty, gamma, zeta, threshold))
 
 
 def purify_gate(
@@ -144,8 +245,13 @@ def purify_gate(
     zeta: float = 1.0,
     loc_bias: float = 3.0,
     threshold: float = 0.6,
+    exact_math: bool = True,
 ) -> PurifyGateOutput:
     """SPEC §1, eager. x (T, B, D) or (B, T, D) with batch_first; logits (B, T); noise (B, T) or None.
+
+    The noise is a constant: no gradient flows to ``noise``. In float32 the gate's log and sigmoid
+    are :func:`log32` and :func:`sigmoid32`, so the gate equals the fused kernels' bit for bit;
+    ``exact_math=False`` uses torch.log/torch.sigmoid instead (the published formulation).
 
     With ``lengths`` (B,), steps t ≥ lengths[b] are padding: the gate is forced closed with no
     gradient (neither through the straight-through path nor the penalty), x there is never read into
@@ -155,27 +261,27 @@ def purify_gate(
     xs = x.transpose(0, 1) if batch_first else x  # (T, B, D) view, no copy
     T, B, _ = xs.shape
     acc = _compute_dtype(x, logits, noise)
+    log, sigmoid = _gate_functions(acc, exact_math)
     a = logits.to(acc) + loc_bias  # (B, T) log-alpha
 
     if mode == "sample":
         if noise is None:
             u = philox_uniform(draw_seed() if seed is None else seed, offset, (B, T), device=x.device)
         else:
-            u = noise
+            u = noise.detach()
         u = u.to(acc).clamp(NOISE_EPS, 1.0 - NOISE_EPS)
-        ell = torch.log(u) - torch.log(1.0 - u)  # logistic noise
-        s = torch.sigmoid((ell + a) / beta)
+        ell = log(u) - log(1.0 - u)  # logistic noise
+        s = sigmoid((ell + a) / beta)
     else:
-        s = torch.sigmoid(a)
+        s = sigmoid(a)
     s_bar = (zeta - gamma) * s + gamma
     c = torch.clamp(s_bar, 0.0, 1.0)
-    h = (c > threshold).to(acc)
+    h = (c > torch.tensor(threshold, dtype=acc, device=c.device)).to(acc)
     # Straight-through estimator written as h + (c − sg(c)): the forward value is exactly h (c − c is
     # exactly 0), which c + sg(h − c) would only round to; the gradient w.r.t. c is 1 either way.
     z = h + (c - c.detach())
 
-    q = gate_open_probability(logits.to(acc), penalty=penalty, beta=beta, gamma=gamma, zeta=zeta,
-                              loc_bias=loc_bias, threshold=threshold)
+    q = sigmoid(a - beta * penalty_log_ratio(penalty, gamma, zeta, threshold))
     if lengths is None:
         P = q.mean()
         denom = float(T)

@@ -321,3 +321,285 @@ def test_reference_runs_on_cuda_and_matches_cpu():
     b = mim_fast.purify_gate(x.cuda(), logits.cuda(), seed=7, lengths=lens, backend="torch")
     assert torch.equal(a.gate, b.gate.cpu())
     torch.testing.assert_close(a.pooled, b.pooled.cpu())
+
+
+# ====================================================================================================
+# Fused backends (cpu: C++ kernels; triton: under TRITON_INTERPRET=1 on CPU; cuda: GPU only) against
+# the reference. The gate math is the same IEEE sequence everywhere, so gates must be bit-identical.
+# ====================================================================================================
+from mim_fast.ops import _backends  # noqa: E402
+
+FUSED = [pytest.param("cpu", marks=pytest.mark.skipif(mim_fast.build_info() is None, reason="no _C")),
+         pytest.param("triton", marks=pytest.mark.triton),
+         pytest.param("cuda", marks=pytest.mark.cuda)]
+DEVICE = {"cpu": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu", "cuda": "cuda"}
+
+
+def _skip_unless_available(backend, dtype=torch.float32):
+    reason = _backends.backend_status("purify_gate", DEVICE[backend], (dtype,))[backend]
+    if reason:
+        pytest.skip(reason)
+
+
+def run_gate(backend, x, logits, G, w, **opts):
+    """Forward and backward of purify_gate on `backend`: (pooled, penalty, gate, dx, dlogits)."""
+    xg, lg = x.detach().clone().requires_grad_(), logits.detach().clone().requires_grad_()
+    out = mim_fast.purify_gate(xg, lg, backend=backend, **opts)
+    torch.autograd.backward([out.pooled, out.penalty], [G.to(out.pooled.dtype), torch.tensor(w, dtype=out.penalty.dtype,
+                                                                                             device=x.device)])
+    return out.pooled.detach(), out.penalty.detach(), out.gate.detach(), xg.grad, lg.grad
+
+
+SHAPES = [(1, 1, 1), (7, 3, 5), (50, 2, 129), (3, 2, 1030)]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode,activation,penalty,use_lengths,batch_first", ALL_OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-B%d-D%d" % s)
+def test_fused_backend_matches_reference(backend, mode, activation, penalty, use_lengths, batch_first, shape):
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    T, B, D = shape
+    x, logits, noise, lens = make_inputs(T, B, D, dtype=torch.float32, batch_first=batch_first, lengths=use_lengths)
+    x, logits, noise = x.to(dev), logits.to(dev), noise.to(dev)
+    lens = lens.to(dev) if lens is not None else None
+    G, w = torch.randn(B, D, device=dev), float(torch.randn(()))
+    seed = int(torch.randint(0, 2**62, ()))
+    opts = dict(mode=mode, activation=activation, penalty=penalty, batch_first=batch_first, lengths=lens)
+    for noise_opts in ([dict(seed=seed, offset=int(torch.randint(0, 2**40, ()))), dict(noise=noise)]
+                       if mode == "sample" else [dict()]):
+        got = run_gate(backend, x, logits, G, w, **opts, **noise_opts)
+        ref = run_gate("torch", x, logits, G, w, **opts, **noise_opts)
+        assert torch.equal(got[2], ref[2]), "gates differ"
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)  # pooled
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-7)  # penalty
+        torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-7)  # dx
+        scale = float(ref[4].abs().max()) + 1e-3
+        torch.testing.assert_close(got[4], ref[4], rtol=1e-4, atol=1e-5 * scale)  # dlogits
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backend_float64_and_mixed_dtypes(backend):
+    dev = DEVICE[backend]
+    T, B, D = 9, 4, 37
+    x, logits, noise, lens = make_inputs(T, B, D, dtype=torch.float64, lengths=True)
+    x, logits, noise, lens = x.to(dev), logits.to(dev), noise.to(dev), lens.to(dev)
+    G, w = torch.randn(B, D, dtype=torch.float64, device=dev), 0.7
+    if backend != "cpu":
+        reason = _backends.backend_status("purify_gate", dev, (torch.float64,))[backend]
+        assert reason and "float64" in reason  # fp64 is a CPU-only feature, refused with a reason
+        pytest.skip(reason)
+    for xd, gd in [(torch.float64, torch.float64), (torch.float32, torch.float64), (torch.float64, torch.float32)]:
+        got = run_gate("cpu", x.to(xd), logits.to(gd), G, w, noise=noise, lengths=lens)
+        ref = run_gate("torch", x.to(xd), logits.to(gd), G, w, noise=noise, lengths=lens)
+        assert got[0].dtype == xd and got[1].dtype == gd and got[4].dtype == gd and got[3].dtype == xd
+        assert torch.equal(got[2], ref[2])
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12 if xd == gd else 1e-6, atol=1e-12 if xd == gd else 1e-7)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_backend_half_precision_within_2x_of_torch_error(backend, dtype):
+    """flash-attention's rule: the fused result's error against a float64 computation is at most twice
+    the error of the same-precision PyTorch reference, plus one ulp of the output's dtype at the output's
+    scale (both results are rounded to that dtype at the end)."""
+    _skip_unless_available(backend, dtype)
+    dev = DEVICE[backend]
+    T, B, D = 50, 3, 264
+    x, logits, noise, _ = make_inputs(T, B, D, dtype=torch.float32)
+    xh, logits, noise = x.to(dev, dtype), logits.to(dev), noise.to(dev)
+    G, w = torch.randn(B, D, device=dev), 0.3
+    exact = run_gate("torch", xh.double(), logits.double(), G.double(), w, noise=noise.double())
+    got = run_gate(backend, xh, logits, G, w, noise=noise)
+    ref = run_gate("torch", xh, logits, G, w, noise=noise)
+    assert torch.equal(got[2].double(), exact[2]) and torch.equal(ref[2].double(), exact[2])
+    assert got[0].dtype == dtype and got[3].dtype == dtype
+    for i in (0, 3, 4):
+        err_fused = float((got[i].double() - exact[i]).abs().max())
+        err_torch = float((ref[i].double() - exact[i]).abs().max())
+        floor = torch.finfo(got[i].dtype).eps * float(exact[i].abs().max() + 1e-3)
+        assert err_fused <= 2 * err_torch + floor, (i, err_fused, err_torch)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backend_strided_inputs_are_read_in_place(backend):
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    T, B, D = 6, 4, 21
+    base = torch.randn(T, 2 * B, 2 * D + 1, device=dev)
+    x = base[:, ::2, 1::2]  # non-contiguous in every dimension but T
+    logits = (torch.randn(T, B, device=dev) - 3).t()  # a transposed (B, T) view
+    G, w = torch.randn(B, D, device=dev), 1.3
+    got = run_gate(backend, x, logits, G, w, seed=11, activation="identity")
+    ref = run_gate("torch", x, logits, G, w, seed=11, activation="identity")
+    assert torch.equal(got[2], ref[2])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_all_backends_draw_bit_identical_gates_from_a_seed():
+    backends = [b for b in ("torch", "cpu", "triton") if _backends.backend_status("purify_gate", "cpu")[b] is None]
+    if torch.cuda.is_available():
+        backends += ["cuda", "triton-cuda"]
+    T, B, D = 50, 64, 3
+    x, logits, _, _ = make_inputs(T, B, D, dtype=torch.float32, logit_shift=-2.5)
+    seed = int(torch.randint(0, 2**62, ()))
+    gates = {}
+    for name in backends:
+        backend, dev = (name.split("-")[0], "cuda") if name.endswith("cuda") else (name, "cpu")
+        if name == "cuda":
+            dev = "cuda"
+        for mode in ("sample", "expected"):
+            gates[(name, mode)] = mim_fast.purify_gate(x.to(dev), logits.to(dev), seed=seed, offset=12345, mode=mode,
+                                                       backend=backend).gate.cpu()
+    for (name, mode), g in gates.items():
+        assert torch.equal(g, gates[("torch", mode)]), (name, mode)
+    assert 0 < float(gates[("torch", "sample")].mean()) < 1  # a real mix of open and closed gates
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_gate_open_rate_matches_closed_form(backend):
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    n = 20_000
+    levels = torch.tensor([-4.0, -3.0, -2.2, -1.0])
+    # one sample per logit level, n time steps each: 4 programs (the Triton interpreter is slow per program)
+    out = mim_fast.purify_gate(torch.randn(n, 4, 1, device=dev), levels[:, None].expand(4, n).to(dev), seed=99,
+                               penalty="threshold", backend=backend)
+    rate = out.gate.mean(dim=1).cpu()
+    q = reference.gate_open_probability(levels[None, :], penalty="threshold")[0]
+    assert torch.all((rate - q).abs() < 5 * (q * (1 - q) / n).sqrt() + 1e-9), (rate, q)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backend_is_deterministic_and_does_not_mutate(backend):
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    x, logits, noise, lens = make_inputs(8, 3, 40, dtype=torch.float32, lengths=True)
+    x, logits, noise, lens = x.to(dev), logits.to(dev), noise.to(dev), lens.to(dev)
+    copies = [t.clone() for t in (x, logits, noise, lens)]
+    G = torch.randn(3, 40, device=dev)
+    a = run_gate(backend, x, logits, G, 0.5, noise=noise, lengths=lens)
+    b = run_gate(backend, x, logits, G, 0.5, noise=noise, lengths=lens)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    for t, c in zip((x, logits, noise, lens), copies):
+        assert torch.equal(t, c)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backend_only_penalty_or_only_pooled_used(backend):
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    x, logits, _, _ = make_inputs(5, 2, 7, dtype=torch.float32)
+    x, logits = x.to(dev).requires_grad_(), logits.to(dev).requires_grad_()
+    mim_fast.purify_gate(x, logits, seed=1, backend=backend).penalty.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    ref = logits.grad.clone()
+    logits.grad = None
+    l2 = logits.detach().clone().requires_grad_()
+    mim_fast.purify_gate(x.detach(), l2, seed=1, backend="torch").penalty.backward()
+    torch.testing.assert_close(ref, l2.grad, rtol=1e-5, atol=1e-8)
+    x.grad = None
+    mim_fast.purify_gate(x, logits, seed=1, backend=backend).pooled.sum().backward()
+    assert x.grad is not None and logits.grad is not None
+
+
+def _op_samples(dev, dtype=torch.float32):
+    T, B, D = 7, 3, 10
+    samples = []
+    for noise, lengths, mode, act in [(False, False, "sample", "tanh"), (True, True, "sample", "relu"),
+                                      (False, True, "expected", "identity")]:
+        x = torch.randn(T, B, D, device=dev, dtype=dtype, requires_grad=True)
+        g = (torch.randn(B, T, device=dev) - 3).requires_grad_()
+        samples.append((x, g, torch.rand(B, T, device=dev) if noise else None,
+                        torch.tensor([7, 0, 3], device=dev) if lengths else None, 5, 17, mode, act,
+                        3.0, 1 / 3, 1.2, -0.2, 0.6, (1 / 3) * math.log(0.2)))
+    return samples
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend):
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    fwd = {"cpu": torch.ops.mim_fast.purify_gate_forward, "cuda": torch.ops.mim_fast.purify_gate_forward,
+           "triton": torch.ops.mim_fast.purify_gate_forward_triton}[backend]
+    bwd = {"cpu": torch.ops.mim_fast.purify_gate_backward, "cuda": torch.ops.mim_fast.purify_gate_backward,
+           "triton": torch.ops.mim_fast.purify_gate_backward_triton}[backend]
+    for args in _op_samples(dev):
+        torch.library.opcheck(fwd, args)
+        out = fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        x = args[0].detach()
+        bargs = (torch.randn(x.shape[1], x.shape[2], device=dev), torch.tensor(0.3, device=dev), x, out[2], out[3],
+                 out[4], out[5], args[3], args[7])
+        torch.library.opcheck(bwd, bargs)
+    # a batch-first view of x: the op reads strides and returns a gradient of the same layout
+    xb = torch.randn(3, 7, 10, device=dev).transpose(0, 1).requires_grad_()
+    torch.library.opcheck(fwd, (xb,) + _op_samples(dev)[0][1:])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compile_fullgraph(backend):
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    torch._dynamo.reset()
+
+    def step(x, logits, lengths):
+        out = mim_fast.purify_gate(x, logits, seed=7, offset=3, lengths=lengths, backend=backend)
+        return out.pooled.square().sum() + out.penalty, out.gate
+
+    compiled = torch.compile(step, fullgraph=True)
+    x, logits, _, lens = make_inputs(6, 3, 16, dtype=torch.float32, lengths=True)
+    x, logits, lens = x.to(dev), logits.to(dev), lens.to(dev)
+    xa, la = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    xb, lb = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss_a, gate_a = step(xa, la, lens)
+    loss_b, gate_b = compiled(xb, lb, lens)
+    loss_a.backward()
+    loss_b.backward()
+    assert torch.equal(gate_a, gate_b)
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(la.grad, lb.grad)
+
+
+@pytest.mark.cuda
+def test_cuda_lengths_on_cpu_and_large_batch():
+    x = torch.randn(50, 300, 768, device="cuda")
+    logits = torch.randn(300, 50, device="cuda") - 3
+    lens = torch.randint(0, 51, (300,))
+    G = torch.randn(300, 768, device="cuda")
+    got = run_gate("cuda", x, logits, G, 0.4, seed=5, lengths=lens)
+    ref = run_gate("torch", x, logits, G, 0.4, seed=5, lengths=lens.cuda())
+    assert torch.equal(got[2], ref[2])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_prefers_the_cpu_kernels_on_cpu():
+    if _backends.backend_status("purify_gate", "cpu")["cpu"] is not None:
+        pytest.skip("no _C")
+    assert _backends.select("purify_gate", "auto", torch.device("cpu"), (torch.float32,)) is \
+        _backends._REGISTRY["purify_gate"]["cpu"][0]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_backend_propagates_nonfinite_features_like_the_reference(backend, activation):
+    """x·0 is NaN for x = NaN or ±inf: a closed gate does not hide a non-finite feature (SPEC: y = x·z)."""
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    T, B, D = 6, 3, 40
+    x, _, _, _ = make_inputs(T, B, D, dtype=torch.float32)
+    logits = torch.full((B, T), -3.0)
+    logits[:, ::2] = 5.0  # even steps open, odd steps closed (mode "expected")
+    x[1, 0, 3] = float("nan")   # closed step
+    x[2, 1, 5] = float("inf")   # open step
+    x[3, 2, 7] = -float("inf")  # closed step
+    G = torch.randn(B, D)
+    got = run_gate(backend, x.to(dev), logits.to(dev), G.to(dev), 0.5, mode="expected", activation=activation)
+    ref = run_gate("torch", x, logits, G, 0.5, mode="expected", activation=activation)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(got[0][0, 3]) and torch.isnan(got[0][2, 7])

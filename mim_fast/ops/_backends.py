@@ -101,18 +101,19 @@ def all_of(*reasons: Reason) -> Reason:
 
 
 # --- dispatch ---------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result
+def _status(op: str, device_type: str, dtypes: tuple) -> tuple:
+    # Under torch.compile this runs once, at trace time: the answer is a property of the installation
+    # (what is built, which device), not of the data, so dispatch adds no graph break.
+    device = torch.device(device_type)
+    impls = _REGISTRY.get(op, {})
+    return tuple(impls[name][1](device, dtypes) if name in impls else "mim_fast has no %s kernel for %s yet" % (name, op)
+                 for name in BACKENDS)
+
+
 def backend_status(op: str, device="cpu", dtypes: Iterable[torch.dtype] = ()) -> Dict[str, Optional[str]]:
     """{backend: None if it can serve op on device with dtypes, else the reason it cannot}."""
-    device = torch.device(device)
-    dtypes = tuple(dtypes)
-    impls = _REGISTRY.get(op, {})
-    status = {}
-    for name in BACKENDS:
-        if name not in impls:
-            status[name] = "mim_fast has no %s kernel for %s yet" % (name, op)
-        else:
-            status[name] = impls[name][1](device, dtypes)
-    return status
+    return dict(zip(BACKENDS, _status(op, torch.device(device).type, tuple(dtypes))))
 
 
 def select(op: str, backend: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> Callable:

@@ -1,9 +1,9 @@
 """``mim_fast.purify_gate``: SPEC §1, the Unimodal Purification Network's gate and gated pooling."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from .. import reference
+from .. import _ext, reference
 from .._types import PurifyGateOutput
 from . import _backends, _checks
 
@@ -111,10 +111,108 @@ def purify_gate(
     if mode == "sample" and noise is None and seed is None:
         seed = reference.draw_seed()  # drawn here so every backend sees the same seed
 
-    impl = _backends.select("purify_gate", backend, x.device, (x.dtype, logits.dtype))
+    dtypes = (x.dtype, logits.dtype) + ((noise.dtype,) if noise is not None else ())
+    impl = _backends.select("purify_gate", backend, x.device, dtypes)
     return impl(x, logits, noise=noise, seed=seed, offset=offset, mode=mode, activation=activation,
                 penalty=penalty, lengths=lengths, batch_first=batch_first, beta=beta, gamma=gamma, zeta=zeta,
                 loc_bias=loc_bias, threshold=threshold)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The fused backends: torch.library ops (C++ for CPU/CUDA in csrc/purify_gate.cpp, Triton below), each a
+# forward op returning (pooled, penalty, gate, ste, dq, inv_count) and a backward op, with fake (meta)
+# functions and autograd registered here so torch.compile(fullgraph=True) traces through them.
+# ----------------------------------------------------------------------------------------------------
+def _fused(forward_op):
+    def impl(x, logits, *, noise, seed, offset, mode, activation, penalty, lengths, batch_first, beta, gamma,
+             zeta, loc_bias, threshold):
+        xs = x.transpose(0, 1) if batch_first else x  # (T, B, D) view: kernels read through strides
+        pen_shift = beta * reference.penalty_log_ratio(penalty, gamma, zeta, threshold)
+        out = forward_op(xs, logits, noise, lengths, 0 if seed is None else seed, offset, mode, activation,
+                         loc_bias, beta, zeta - gamma, gamma, threshold, pen_shift)
+        return PurifyGateOutput(out[0], out[1], out[2])
+    return impl
+
+
+def _forward_fake(acc_of):
+    def fake(x, logits, noise, lengths, seed, offset, mode, activation, loc_bias, beta, zeta_gamma, gamma,
+             threshold, pen_shift):
+        T, B, D = x.shape
+        acc = acc_of(x, logits, noise)
+        return (x.new_empty((B, D)), logits.new_empty(()), logits.new_empty((B, T)),
+                x.new_empty((B, T), dtype=acc), x.new_empty((B, T), dtype=acc), x.new_empty((), dtype=acc))
+    return fake
+
+
+def _backward_fake(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation):
+    return torch.empty_like(x), gate.new_empty(gate.shape)
+
+
+def _register_autograd(forward_name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        x, lengths, activation = inputs[0], inputs[3], inputs[7]
+        _, _, gate, ste, dq, inv_count = output
+        ctx.save_for_backward(x, gate, ste, dq, inv_count, lengths)
+        ctx.activation = activation
+        ctx.mark_non_differentiable(gate, ste, dq, inv_count)
+
+    def backward(ctx, grad_pooled, grad_penalty, *_):
+        x, gate, ste, dq, inv_count, lengths = ctx.saved_tensors
+        T, B, D = x.shape
+        if grad_pooled is None:
+            grad_pooled = x.new_zeros((B, D))
+        if grad_penalty is None:
+            grad_penalty = gate.new_zeros(())
+        grad_x, grad_logits = backward_op(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths,
+                                          ctx.activation)
+        return (grad_x if ctx.needs_input_grad[0] else None,
+                grad_logits if ctx.needs_input_grad[1] else None) + (None,) * 12
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+
+def _acc_cpp(x, logits, noise):
+    f64 = torch.float64 in (x.dtype, logits.dtype) or (noise is not None and noise.dtype == torch.float64)
+    return torch.float64 if f64 else torch.float32
+
+
+_no_float64 = _backends.none_of((torch.float16, torch.bfloat16, torch.float32))
+
+if _ext.C is not None:
+    torch.library.register_fake("mim_fast::purify_gate_forward")(_forward_fake(_acc_cpp))
+    torch.library.register_fake("mim_fast::purify_gate_backward")(_backward_fake)
+    _register_autograd("mim_fast::purify_gate_forward", torch.ops.mim_fast.purify_gate_backward)
+    _backends.register("purify_gate", "cpu", _fused(torch.ops.mim_fast.purify_gate_forward),
+                       _backends.needs_cpu_extension)
+    _backends.register("purify_gate", "cuda", _fused(torch.ops.mim_fast.purify_gate_forward),
+                       _backends.all_of(_backends.needs_cuda_extension, _no_float64))
+
+
+@torch.library.custom_op("mim_fast::purify_gate_forward_triton", mutates_args=())
+def _forward_triton(x: torch.Tensor, logits: torch.Tensor, noise: Optional[torch.Tensor],
+                    lengths: Optional[torch.Tensor], seed: int, offset: int, mode: str, activation: str,
+                    loc_bias: float, beta: float, zeta_gamma: float, gamma: float, threshold: float,
+                    pen_shift: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor, torch.Tensor]:
+    from ..triton import purify_gate as kernels
+
+    return kernels.purify_gate_forward(x, logits, noise, lengths, seed, offset, mode, activation, loc_bias, beta,
+                                       zeta_gamma, gamma, threshold, pen_shift)
+
+
+@torch.library.custom_op("mim_fast::purify_gate_backward_triton", mutates_args=())
+def _backward_triton(grad_pooled: torch.Tensor, grad_penalty: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
+                     ste: torch.Tensor, dq: torch.Tensor, inv_count: torch.Tensor, lengths: Optional[torch.Tensor],
+                     activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import purify_gate as kernels
+
+    return kernels.purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation)
+
+
+_forward_triton.register_fake(_forward_fake(lambda x, logits, noise: torch.float32))
+_backward_triton.register_fake(_backward_fake)
+_register_autograd("mim_fast::purify_gate_forward_triton", torch.ops.mim_fast.purify_gate_backward_triton)
+
 _backends.register("purify_gate", "torch", reference.purify_gate, _backends.always)
+_backends.register("purify_gate", "triton", _fused(torch.ops.mim_fast.purify_gate_forward_triton),
+                   _backends.all_of(_backends.needs_triton, _no_float64))

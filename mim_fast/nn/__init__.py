@@ -1,0 +1,8 @@
+"""``mim_fast.nn``: nn.Module wrappers around the fused ops, and MIM's building blocks."""
+from .purification import MaskLearner, MaskLearnerOutput, PurificationGate
+
+__all__ = [
+    "MaskLearner",
+    "MaskLearnerOutput",
+    "PurificationGate",
+]
