@@ -14,6 +14,7 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable   # every benchmark case once, so none rots
 
 info: build
 	$(PY) -m mim_fast info

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The one script to run on the GPU machine (an H100): build, GPU tests, benchmarks — in a few minutes.
+#
+#   run it through the device tool from the repository root:  bash benchmarks/gpu_check.sh
+#
+# It uses the machine's preinstalled python3/torch/triton (installs nothing), builds mim_fast._C there,
+# and writes every log and JSON under $OUT (default: ./gpu_check_out). It stops at the first broken step
+# (set -e) so a failure is loud; each step's log is in $OUT. Commit the results, unedited, under
+# benchmarks/results/<date>-<gpu>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/steps.log"; }
+
+step "machine"
+{ nvidia-smi || true; "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; "$PY" -c "import triton; print('triton', triton.__version__)"; git log -1 --format='commit %H %cI' || true; } 2>&1 | tee "$OUT/machine.log"
+
+step "build (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0)"
+MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MIM_FAST_CUDA=1 \
+  "$PY" -m pip install -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+"$PY" -m mim_fast info 2>&1 | tee "$OUT/info.log"
+
+step "GPU tests (CUDA and compiled-Triton backends vs the reference, opcheck, compile)"
+"$PY" -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+
+step "copy bandwidth"
+"$PY" benchmarks/copy_bandwidth.py --out "$OUT/copy_bandwidth.json" | tee "$OUT/copy_bandwidth.log"
+
+step "benchmarks"
+for b in benchmarks/bench_*.py; do
+  name=$(basename "$b" .py)
+  "$PY" -m pytest -q "$b" -p no:cacheprovider --benchmark-json="$OUT/$name.json" \
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name 2>&1 | tee "$OUT/$name.log"
+done
+step "done"
