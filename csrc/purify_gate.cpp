@@ -55,6 +55,9 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& logits, const c10::optio
                  const c10::optional<at::Tensor>& lengths) {
   TORCH_CHECK(x.dim() == 3, "mim_fast::purify_gate: x must be (T, B, D)");
   const int64_t T = x.size(0), B = x.size(1);
+  TORCH_CHECK(T > 0 && B > 0 && x.size(2) > 0, "mim_fast::purify_gate: x must be non-empty, got ", x.sizes());
+  TORCH_CHECK(logits.device() == x.device(), "mim_fast::purify_gate: logits must be on x's device");
+  TORCH_CHECK(!noise.has_value() || noise->device() == x.device(), "mim_fast::purify_gate: noise must be on x's device");
   TORCH_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == T,
               "mim_fast::purify_gate: logits must be (B, T)");
   const bool f64 = x.scalar_type() == at::kDouble || logits.scalar_type() == at::kDouble ||
@@ -69,7 +72,9 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& logits, const c10::optio
   }
   if (lengths.has_value()) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, "mim_fast::purify_gate: lengths must be (B,)");
-    p.lengths = lengths->to(x.device(), at::kLong).contiguous();
+    // Clamped to [0, T]: values on a GPU are not checked (that would need a host sync), and every
+    // kernel may then rely on 0 <= lengths[b] <= T.
+    p.lengths = lengths->to(x.device(), at::kLong).clamp(0, T).contiguous();
   }
   return p;
 }
@@ -483,7 +488,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TORCH_CHECK(x.is_cuda(), "mim_fast::purify_gate: unsupported device ", x.device());
     TORCH_CHECK(in.acc == at::kFloat, "mim_fast::purify_gate (cuda): float64 is supported on the CPU only");
     const c10::cuda::CUDAGuard guard(x.device());
-    at::Tensor pen_row = at::empty({B}, acc_opts);
+    at::Tensor scratch =
+        at::empty({cuda::purify_gate_forward_scratch(feature_type(x.scalar_type()), B, T, D)}, acc_opts);
     cuda::GateForwardArgs a{};
     a.x = x.data_ptr();
     a.x_type = feature_type(x.scalar_type());
@@ -497,9 +503,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.activation = act;
     a.pooled = pooled.data_ptr();
     a.gate = gate.data_ptr<float>(); a.ste = ste.data_ptr<float>(); a.dq = dq.data_ptr<float>();
-    a.pen_row = pen_row.data_ptr<float>();
     a.penalty = penalty.data_ptr<float>(); a.inv_count = inv_count.data_ptr<float>();
-    const cudaError_t err = cuda::purify_gate_forward(a, at::cuda::getCurrentCUDAStream().stream());
+    const cudaError_t err =
+        cuda::purify_gate_forward(a, scratch.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "mim_fast::purify_gate_forward: CUDA launch failed: ", cudaGetErrorString(err));
 #else
     TORCH_CHECK(false, "mim_fast::purify_gate: this build has no CUDA kernels");
@@ -515,11 +521,21 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
                                                         const c10::optional<at::Tensor>& lengths,
                                                         c10::string_view activation) {
   const int act = parse_activation(activation);
+  TORCH_CHECK(x.dim() == 3 && x.numel() > 0, "mim_fast::purify_gate_backward: x must be a non-empty (T, B, D)");
   const int64_t T = x.size(0), B = x.size(1), D = x.size(2);
+  for (const at::Tensor* t : {&grad_pooled, &grad_penalty, &gate, &ste, &dq, &inv_count}) {
+    TORCH_CHECK(t->device() == x.device(), "mim_fast::purify_gate_backward: every tensor must be on x's device (",
+                x.device(), "), got one on ", t->device());
+  }
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == B && gate.size(1) == T && ste.sizes() == gate.sizes() &&
+                  dq.sizes() == gate.sizes() && grad_pooled.dim() == 2 && grad_pooled.size(0) == B &&
+                  grad_pooled.size(1) == D && grad_penalty.numel() == 1 && inv_count.numel() == 1,
+              "mim_fast::purify_gate_backward: inconsistent shapes");
   const at::ScalarType acc = ste.scalar_type();
   const at::Tensor G = grad_pooled.to(x.scalar_type()).contiguous();
   const at::Tensor h = gate.to(acc).contiguous();
-  const at::Tensor lens = lengths.has_value() ? lengths->to(x.device(), at::kLong).contiguous() : at::Tensor();
+  const at::Tensor lens =
+      lengths.has_value() ? lengths->to(x.device(), at::kLong).clamp(0, T).contiguous() : at::Tensor();
   at::Tensor grad_x = at::empty_like(x);  // keeps x's layout when x is dense (e.g. a batch-first view)
   at::Tensor grad_logits = at::empty({B, T}, ste.options());
 
@@ -537,7 +553,8 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
 #if MIM_FAST_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
     const at::Tensor gpen = grad_penalty.to(at::kFloat).contiguous();
-    at::Tensor dc_part = at::empty({cuda::purify_gate_backward_dblocks(D), B, T}, ste.options());
+    at::Tensor dc_part = at::empty({cuda::purify_gate_backward_dblocks(feature_type(x.scalar_type()), D), B, T},
+                                   ste.options());
     cuda::GateBackwardArgs a{};
     a.x = x.data_ptr();
     a.x_type = feature_type(x.scalar_type());

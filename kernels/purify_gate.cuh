@@ -29,14 +29,20 @@ struct GateForwardArgs {
   float* gate;      // (B, T) 0/1
   float* ste;       // (B, T) ∂c/∂g, 0 at padding
   float* dq;        // (B, T) q(1−q), 0 at padding
-  float* pen_row;   // (B,) scratch: Σ_t q over valid steps
   float* penalty;   // () Σ q / max(n_valid, 1)
   float* inv_count; // () 1 / max(n_valid, 1)
 };
 
-// Two launches: the fused gate + pooling pass (reads x once), then a one-block reduction of the
-// penalty. Bytes: T·B·D·sizeof(x) read + B·D·sizeof(x) written + O(B·T).
-cudaError_t purify_gate_forward(const GateForwardArgs& args, cudaStream_t stream);
+// Floats of scratch memory purify_gate_forward needs for these sizes (penalty partials, and partial
+// pooled sums when the time axis is split across blocks).
+int64_t purify_gate_forward_scratch(FeatureType x_type, int64_t B, int64_t T, int64_t D);
+
+// Three or four launches: the gate (B·T threads), the penalty reduction, the pooling pass (reads x
+// once), and — when T is split across blocks — the sum of the time chunks.
+// Bytes: T·B·D·sizeof(x) read + B·D·sizeof(x) written + O(B·T) (+ 2·chunks·B·D·4 when T is split).
+// lengths must lie in [0, T] (the glue clamps them). Fails with cudaErrorInvalidConfiguration when a
+// grid would exceed 2^31 − 1 blocks.
+cudaError_t purify_gate_forward(const GateForwardArgs& args, float* scratch, cudaStream_t stream);
 
 struct GateBackwardArgs {
   const void* x;
@@ -58,10 +64,11 @@ struct GateBackwardArgs {
 };
 
 // Number of feature blocks the backward splits D into (the size of dc_part's first dimension).
-int64_t purify_gate_backward_dblocks(int64_t D);
+int64_t purify_gate_backward_dblocks(FeatureType x_type, int64_t D);
 
 // Two launches: the fused pass (reads x once, writes ∂L/∂x once, reduces ∂L/∂c over each feature
-// block), then the combine ∂L/∂g = ste·Σ dc_part + ∂L/∂P·dq/n. Bytes: 2·T·B·D·sizeof(x) + O(B·D + B·T).
+// block; one block per 64 time steps), then the combine ∂L/∂g = ste·Σ dc_part + ∂L/∂P·dq/n.
+// Bytes: 2·T·B·D·sizeof(x) + O(B·D + B·T).
 cudaError_t purify_gate_backward(const GateBackwardArgs& args, cudaStream_t stream);
 
 }  // namespace cuda

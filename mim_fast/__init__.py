@@ -9,7 +9,7 @@ The math is shared/SPEC.md; ``mim_fast.reference`` is its eager implementation (
 from . import _ext, reference
 from ._ext import build_info
 from ._types import KGSLossOutput, PurifyGateOutput
-from .ops import (BACKENDS, BackendUnavailableError, available_backends, backend_status, kgs_loss,
+from .ops import (BACKENDS, BackendUnavailableError, available_backends, backend_status, gate_noise, kgs_loss,
                   philox_uniform, purify_gate)
 
 from . import nn  # noqa: E402  (after the ops it builds on)
@@ -24,6 +24,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "build_info",
+    "gate_noise",
     "kgs_loss",
     "nn",
     "philox_uniform",

@@ -287,7 +287,8 @@ def purify_gate(
         denom = float(T)
         y = xs.to(acc) * z.t().unsqueeze(-1)  # (T, B, D)
     else:
-        valid = torch.arange(T, device=x.device).unsqueeze(0) < lengths.to(x.device).unsqueeze(1)  # (B, T)
+        lengths = lengths.to(x.device).clamp(0, T)  # (the public op rejects values outside [0, T] where it can look)
+        valid = torch.arange(T, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
         h = torch.where(valid, h, torch.zeros_like(h))
         z = torch.where(valid, z, torch.zeros_like(z))
         # where(), not a product with the mask: padding may hold anything (inf, NaN) and must neither

@@ -165,3 +165,34 @@ def test_explicit_backend_that_cannot_serve_says_why():
         mim_fast.philox_uniform(1, 0, (4,), device="cpu", backend="cuda")
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         mim_fast.philox_uniform(1, 0, (4,), backend="fast")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_gate_noise_is_keyed_by_sample_index(backend):
+    seed, T = random.randrange(2**62), 7
+    index = torch.randperm(50)[:13]
+    u = mim_fast.gate_noise(seed, index, T, backend=backend)
+    table = mim_fast.philox_uniform(seed, 0, (50, T), backend="torch")  # row i = sample i's noise
+    assert u.shape == (13, T) and u.dtype == torch.float32
+    assert torch.equal(u, table[index])
+    # batch order does not matter: a shuffled batch draws the same per-sample noise
+    perm = torch.randperm(13)
+    assert torch.equal(mim_fast.gate_noise(seed, index[perm], T, backend=backend), u[perm])
+    # and with consecutive indices it is the op's own seeded noise (offset = first index · T)
+    x, logits = torch.randn(T, 4, 3), torch.randn(4, T) - 3
+    a = mim_fast.purify_gate(x, logits, seed=seed, offset=10 * T)
+    b = mim_fast.purify_gate(x, logits, noise=mim_fast.gate_noise(seed, torch.arange(10, 14), T, backend=backend))
+    assert torch.equal(a.gate, b.gate) and torch.equal(a.pooled, b.pooled)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(seed=-1, index=torch.arange(3), T=2), ValueError, "seed must be in"),
+    (dict(seed=1, index=torch.arange(3.0), T=2), TypeError, "index must be an integer tensor"),
+    (dict(seed=1, index=torch.arange(6).view(2, 3), T=2), ValueError, r"index must be 1-D \(B,\)"),
+    (dict(seed=1, index=torch.tensor([-1, 2]), T=2), ValueError, "index must lie in"),
+    (dict(seed=1, index=torch.arange(3), T=0), ValueError, "T must be an int >= 1"),
+    (dict(seed=1, index=torch.arange(3), T=2, backend="triton"), ValueError, "backend must be"),
+])
+def test_gate_noise_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        mim_fast.gate_noise(**kwargs)

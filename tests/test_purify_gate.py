@@ -603,3 +603,51 @@ def test_fused_backend_propagates_nonfinite_features_like_the_reference(backend,
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert torch.isnan(got[0][0, 3]) and torch.isnan(got[0][2, 7])
+
+
+@pytest.mark.cuda
+def test_cuda_gate_math_bit_identical_to_cpu_at_op_level():
+    """The op's gate, ste and dq outputs are pure IEEE gate math: CPU and GPU must agree bit for bit."""
+    if _backends.backend_status("purify_gate", "cpu")["cpu"] or _backends.backend_status("purify_gate", "cuda")["cuda"]:
+        pytest.skip("needs both the cpu and the cuda kernels")
+    T, B = 300, 257
+    x = torch.randn(T, B, 3)
+    logits = torch.randn(B, T) * 4 - 3
+    for mode in ("sample", "expected"):
+        args = (None, None, 12345, 678, mode, "tanh", 3.0, 1 / 3, 1.2, -0.2, 0.6, (1 / 3) * math.log(0.2))
+        cpu = torch.ops.mim_fast.purify_gate_forward(x, logits, *args)
+        gpu = torch.ops.mim_fast.purify_gate_forward(x.cuda(), logits.cuda(), *args)
+        for i in (2, 3, 4):
+            assert torch.equal(cpu[i].view(torch.int32), gpu[i].cpu().view(torch.int32)), (mode, i)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(500, 64, 768), (50, 2048, 96), (3, 5, 1030), (1, 1, 1)])
+def test_cuda_shapes_that_split_time_or_features(shape):
+    """Few samples: the forward splits T across blocks (partial sums); many tiles; odd widths."""
+    T, B, D = shape
+    x, logits, noise, lens = make_inputs(T, B, D, dtype=torch.float32, lengths=True)
+    x, logits, noise, lens = x.cuda(), logits.cuda(), noise.cuda(), lens.cuda()
+    G = torch.randn(B, D, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        got = run_gate("cuda", x.to(dtype), logits, G, 0.4, noise=noise, lengths=lens)
+        ref = run_gate("torch", x.to(dtype), logits, G, 0.4, noise=noise, lengths=lens)
+        assert torch.equal(got[2], ref[2])
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_lengths_beyond_T_on_an_unchecked_path_are_clamped():
+    """Lengths on a GPU are not range-checked (no host sync); every backend clamps them to [0, T]."""
+    x, logits, noise, _ = make_inputs(6, 3, 4, dtype=torch.float32)
+    lens = torch.tensor([9, -2, 3])
+    ref = reference.purify_gate(x, logits, noise=noise, lengths=lens)
+    clamped = reference.purify_gate(x, logits, noise=noise, lengths=lens.clamp(0, 6))
+    for a, b in zip(ref, clamped):
+        assert torch.equal(a, b)
+    if mim_fast.build_info() is not None:
+        out = torch.ops.mim_fast.purify_gate_forward(x, logits, noise, lens, 0, 0, "sample", "tanh", 3.0, 1 / 3, 1.2,
+                                                     -0.2, 0.6, (1 / 3) * math.log(0.2))
+        torch.testing.assert_close(out[0], ref.pooled)
+        torch.testing.assert_close(out[1], ref.penalty)

@@ -7,7 +7,7 @@ import torch
 from .. import _ext, reference
 from . import _backends, _checks
 
-__all__ = ["philox_uniform"]
+__all__ = ["philox_uniform", "gate_noise"]
 
 
 def philox_uniform(seed: int, offset: int, shape: Sequence[int], device=None, *, backend: str = "auto") -> torch.Tensor:
@@ -33,6 +33,35 @@ def philox_uniform(seed: int, offset: int, shape: Sequence[int], device=None, *,
         raise ValueError("offset + numel(shape) must be <= 2^63; got offset=%d, numel=%d" % (offset, math.prod(shape)))
     device = torch.device("cpu") if device is None else torch.device(device)
     return _backends.select("philox_uniform", backend, device, (torch.float32,))(seed, offset, shape, device)
+
+
+def gate_noise(seed: int, index: torch.Tensor, T: int, *, backend: str = "auto") -> torch.Tensor:
+    """Per-sample gate noise keyed by a global sample index: u[b, t] = philox_uniform(seed, index[b]·T + t).
+
+    A sample draws the same noise whichever batch, position or device it lands in (the batch order of
+    a step does not matter); pass it to ``purify_gate(noise=...)``. With ``index = offset/T + arange(B)``
+    this equals the op's own seeded noise. index: (B,) integer tensor of non-negative sample indices;
+    returns float32 (B, T) on index's device. backend: "auto", "torch", "cpu" or "cuda".
+    """
+    _checks.nonneg_int("seed", seed)
+    _checks.tensor("index", index, ndim=1, layout="(B,)")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError("index must be an integer tensor; got %s" % index.dtype)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError("T must be an int >= 1; got %r" % (T,))
+    if _checks.can_inspect_values(index) and index.numel() and (int(index.min()) < 0 or
+                                                                (int(index.max()) + 1) * T > 2**63):
+        raise ValueError("index must lie in [0, 2^63 / T); got min %d, max %d" % (int(index.min()), int(index.max())))
+    counters = index.to(torch.int64)[:, None] * T + torch.arange(T, dtype=torch.int64, device=index.device)
+    if backend not in ("auto", "torch", "cpu", "cuda"):
+        raise ValueError("backend must be 'auto', 'torch', 'cpu' or 'cuda'; got %r" % (backend,))
+    status = _backends.backend_status("philox_uniform", index.device, (torch.float32,))
+    if backend in ("cpu", "cuda") and status[backend]:
+        raise _backends.BackendUnavailableError("gate_noise: backend %r cannot run here: %s" % (backend, status[backend]))
+    native = index.device.type if index.device.type in ("cpu", "cuda") else None
+    if backend != "torch" and native and status[native] is None:
+        return torch.ops.mim_fast.philox_uniform(counters, seed)
+    return reference.philox_uniform_counters(seed, counters)
 
 
 def _extension_impl(seed, offset, shape, device):

@@ -172,7 +172,8 @@ def purify_gate_forward(x, logits, noise, lengths, seed, offset, mode, activatio
     dev = x.device
     logits_f = logits.to(torch.float32).contiguous()
     noise_f = noise.to(torch.float32).contiguous() if noise is not None else None
-    lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else None
+    # clamped to [0, T] like the C++ ops (values on a GPU are not checked: that would need a host sync)
+    lens = lengths.to(device=dev, dtype=torch.int64).clamp(0, T).contiguous() if lengths is not None else None
     pooled = torch.empty((B, D), dtype=x.dtype, device=dev)
     gate = torch.empty((B, T), dtype=torch.float32, device=dev)
     ste = torch.empty_like(gate)
@@ -201,7 +202,7 @@ def purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count,
     dev = x.device
     G = grad_pooled.to(x.dtype).contiguous()
     h = gate.to(torch.float32).contiguous()
-    lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else None
+    lens = lengths.to(device=dev, dtype=torch.int64).clamp(0, T).contiguous() if lengths is not None else None
     grad_x = torch.empty_like(x)
     block_t, block_d = _blocks(D, T, dev.type == "cuda")
     nblk = triton.cdiv(D, block_d)

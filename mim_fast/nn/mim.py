@@ -1,0 +1,136 @@
+"""The MIM model (SPEC §3): per-modality encoders, Unimodal Purification Networks (mask learners with the
+fused purification gate), shared per-modality heads, and a fusion head.
+
+For each modality m: encoder → X_m (T, B, D) and the unpurified u_m = mean_t φ(X_m[t]); mask learner →
+logits g_m (B, T) → gate → the purified k_m (B, D) and penalty P_m; head C_m = Linear(D, 1) gives
+yu = C_m(u_m) and yk = C_m(k_m) (one head shared by both, as published); the fusion head maps
+(k_1, …, k_M) to the prediction. The KGS loss and the training step live in :mod:`mim_fast.train`.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .encoders import BertEncoder, SequenceEncoder, WordEncoder
+from .fusion import Fusion
+from .purification import MaskLearner
+
+__all__ = ["ModalitySpec", "MIM", "MIMOutput"]
+
+KINDS = ("features", "words", "bert")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One input modality of the model.
+
+    name:     e.g. "text", "audio", "vision" (the key of its inputs).
+    kind:     "features" (float sequences (B, T, d_in)), "words" (token ids (B, T), d_in = vocabulary
+              size, learned embedding) or "bert" (token ids through a local Hugging Face BERT at bert_path).
+    d_in:     feature width, or vocabulary size for "words".
+    seq_len:  T: every batch must have exactly T steps (the mask learner mixes across time with a Linear).
+    layers:   Transformer layers after the Conv1d (MIM: 3 for audio/vision, 0 for text).
+    """
+
+    name: str
+    kind: str
+    d_in: int
+    seq_len: int
+    layers: int = 0
+    bert_path: Optional[str] = None
+
+
+class MIMOutput(NamedTuple):
+    """prediction (B,); yk, yu (M, B); purified (M, B, D) = k_m; unpurified (M, B, D) = u_m;
+    penalty (M,); gates / logits: per modality (B, T_m) (gates exactly 0/1, no gradient)."""
+
+    prediction: torch.Tensor
+    yk: torch.Tensor
+    yu: torch.Tensor
+    purified: torch.Tensor
+    unpurified: torch.Tensor
+    penalty: torch.Tensor
+    gates: List[torch.Tensor]
+    logits: List[torch.Tensor]
+
+
+class MIM(nn.Module):
+    """MIM over the given modalities.
+
+    Args:
+        modalities: the inputs, see :class:`ModalitySpec` (M ≥ 2 for the KGS loss).
+        d_model: D, the width of every unimodal representation (MIM: 80).
+        fusion: "multiplication" (MIM), "add", "concat" or "tensor".
+        activation: φ of the pooling (MIM: tanh), for both the purified and the unpurified pooling.
+        heads: attention heads of the audio/vision Transformers (MIM: 5).
+        backend, eval_mode and the gate's hyper-parameters (beta, gamma, zeta, loc_bias, threshold, penalty):
+            passed to every :class:`~mim_fast.nn.MaskLearner`.
+    """
+
+    def __init__(self, modalities: Sequence[ModalitySpec], d_model: int = 80, *, fusion: str = "multiplication",
+                 activation: str = "tanh", heads: int = 5, backend: str = "auto", eval_mode: str = "expected",
+                 **gate_kwargs):
+        super().__init__()
+        if len(modalities) < 2:
+            raise ValueError("MIM needs at least 2 modalities; got %d" % len(modalities))
+        names = [m.name for m in modalities]
+        if len(set(names)) != len(names):
+            raise ValueError("modality names must be unique; got %s" % names)
+        self.specs = tuple(modalities)
+        self.d_model = d_model
+        self.encoders = nn.ModuleDict()
+        self.masks = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for spec in modalities:
+            if spec.kind not in KINDS:
+                raise ValueError("modality %r: kind must be one of %s; got %r" % (spec.name, KINDS, spec.kind))
+            if spec.kind == "features":
+                enc = SequenceEncoder(spec.d_in, d_model, layers=spec.layers, heads=heads, activation=activation)
+            elif spec.kind == "words":
+                enc = WordEncoder(spec.d_in, d_model, activation=activation)
+            else:
+                enc = BertEncoder(spec.bert_path, d_model, activation=activation)
+            self.encoders[spec.name] = enc
+            self.masks[spec.name] = MaskLearner(d_model, seq_len=spec.seq_len, activation=activation,
+                                                backend=backend, eval_mode=eval_mode, **gate_kwargs)
+            self.heads[spec.name] = nn.Linear(d_model, 1)
+        self.fusion = Fusion(d_model, len(modalities), fusion)
+
+    @property
+    def names(self) -> List[str]:
+        return [s.name for s in self.specs]
+
+    def upn_parameters(self) -> List[nn.Parameter]:
+        """The Unimodal Purification Networks' parameters (the mask learners): what the first phase of
+        MIM's update trains."""
+        return [p for m in self.masks.values() for p in m.parameters()]
+
+    def forward(self, inputs: Dict[str, torch.Tensor], lengths: Optional[Dict[str, torch.Tensor]] = None,
+                noise: Optional[Dict[str, torch.Tensor]] = None, seed: Optional[int] = None) -> MIMOutput:
+        """inputs[name]: (B, T, d_in) features or (B, T) token ids, batch-first; lengths[name]: (B,) or
+        absent (all T valid); noise[name]: (B, T) uniform gate noise (see mim_fast.gate_noise), else the
+        gate draws it from ``seed`` (offset by the modality's index·B·T) or torch's default generator."""
+        lengths = lengths or {}
+        noise = noise or {}
+        ks, us, yks, yus, pens, gates, logits = [], [], [], [], [], [], []
+        for i, spec in enumerate(self.specs):
+            if spec.name not in inputs:
+                raise ValueError("inputs is missing modality %r (expected keys %s)" % (spec.name, self.names))
+            lens = lengths.get(spec.name)
+            enc = self.encoders[spec.name](inputs[spec.name], lens)
+            x = enc.sequence
+            T, B = x.shape[0], x.shape[1]
+            gate_seed = None if seed is None or spec.name in noise else seed
+            out = self.masks[spec.name](x, lens, noise=noise.get(spec.name), seed=gate_seed,
+                                        offset=i * B * T if gate_seed is not None else 0)
+            head = self.heads[spec.name]
+            ks.append(out.pooled)
+            us.append(enc.pooled)
+            yks.append(head(out.pooled).squeeze(-1))
+            yus.append(head(enc.pooled).squeeze(-1))
+            pens.append(out.penalty)
+            gates.append(out.gate)
+            logits.append(out.logits)
+        return MIMOutput(self.fusion(ks), torch.stack(yks), torch.stack(yus), torch.stack(ks), torch.stack(us),
+                         torch.stack(pens), gates, logits)
