@@ -139,7 +139,7 @@ def _purification_one(prefix: str, gate, mask, lengths) -> Dict[str, float]:
         if not np.all((L >= 0) & (L <= T)):
             raise ValueError("%slengths must lie in [0, T = %d]" % (prefix, T))
         valid = np.arange(T)[None, :] < L[:, None]
-    impure = (mk == 1)
+    impure = (mk == 1) & valid
     clean = (mk == 0) & valid
     closed = 1.0 - g
     ci = float(closed[impure].mean()) if impure.any() else float("nan")

@@ -2,7 +2,6 @@
 (arrays compared with what was written), every error path, the in-memory split/collate, and the synthetic
 dataset (determinism, shapes, exact impurity fraction, learnability by a least-squares probe, impure steps
 carrying no label information)."""
-import os
 import pickle
 import warnings
 
@@ -126,6 +125,17 @@ def test_magbert_pickle_protocols(tmp_path, protocol):
         assert torch.equal(a[split].labels, b[split].labels)
 
 
+def test_numpy1_pickles(tmp_path):
+    """Files written under numpy 1.x name numpy.core.multiarray (numpy 2 moved it to numpy._core)."""
+    obj = magbert_object(np.random.default_rng(2), 47, 74)
+    raw = pickle.dumps(obj, protocol=2)  # GLOBAL opcodes: "module\nname\n", free to rename
+    assert b"numpy._core.multiarray\n" in raw
+    (tmp_path / "np1.pkl").write_bytes(raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    (tmp_path / "np2.pkl").write_bytes(raw)
+    a, b = data.load(tmp_path / "np1.pkl"), data.load(tmp_path / "np2.pkl")
+    assert torch.equal(a.train.audio, b.train.audio) and torch.equal(a.test.labels, b.test.labels)
+
+
 def test_magbert_nonfinite(tmp_path):
     obj = magbert_object(np.random.default_rng(3), 47, 74)
     acoustic = obj["train"][1][0][2]
@@ -206,13 +216,16 @@ def test_mmsa_text_lengths_key_and_length_clipping(tmp_path):
         data.load(write(tmp_path / "m.pkl", obj))
 
 
-def test_mmsa_nonfinite_audio(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_mmsa_nonfinite_audio(tmp_path, protocol):
     obj = mmsa_object(np.random.default_rng(8), d=(16, 5, 7))
     obj["valid"]["audio"][1, 2, 3] = -np.inf
-    path = write(tmp_path / "m.pkl", obj)
+    path = write(tmp_path / "m.pkl", obj, protocol)
     with pytest.warns(data.NonFiniteFeatureWarning, match=r"split 'valid' audio: 1"):
         ds = data.load(path)
     assert ds.dev.audio[1, 2, 3].item() == 0.0
+    np.testing.assert_array_equal(np.delete(ds.dev.audio.numpy().ravel(), 1 * 50 * 5 + 2 * 5 + 3),
+                                  np.delete(obj["valid"]["audio"].ravel(), 1 * 50 * 5 + 2 * 5 + 3))
     with pytest.raises(ValueError, match=r"split 'valid' audio has 1 NaN/inf values"):
         data.load(path, nonfinite="error")
 

@@ -93,7 +93,7 @@ class MultimodalSplit(Dataset):
             lt = torch.as_tensor(lengths[m])
             if lt.dtype.is_floating_point and not bool((lt == lt.round()).all()):
                 raise ValueError("%s: %s lengths must be integers" % (where, m))
-            lt = lt.to(torch.int64).reshape(-1).contiguous()
+            lt = lt.to(torch.int64).reshape(-1).clone()  # loaders may pass one array for all modalities
             if lt.shape[0] != n:
                 raise ValueError("%s: %s lengths has %d entries for %d samples" % (where, m, lt.shape[0], n))
             if n and (int(lt.min()) < 0 or int(lt.max()) > T):

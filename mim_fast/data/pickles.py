@@ -137,6 +137,8 @@ class _NonFinite:
                 first = int(np.argwhere(bad)[0][0])
                 raise _err(self.path, "%s has %d NaN/inf values (first in sample %d); pass nonfinite='zero' "
                                       "to replace them with 0" % (where, n, first))
+            if not arr.flags.writeable:  # e.g. an array viewing a bytes object of the pickle
+                arr = arr.copy()
             arr[bad] = 0.0
             self.counts.append("%s: %d" % (where, n))
         return arr
@@ -280,8 +282,8 @@ def _from_magbert(obj, path, max_len: int, nonfinite: str) -> MultimodalData:
             audio[i, :L] = acoustic[:L]
             lengths[i], labels[i] = L, label
             ids.append(_word(segment))
-        fix.clean(vision, "split %r visual" % split)
-        fix.clean(audio, "split %r acoustic" % split)
+        vision = fix.clean(vision, "split %r visual" % split)
+        audio = fix.clean(audio, "split %r acoustic" % split)
         splits[split] = MultimodalSplit(text, audio, vision, labels,
                                         lengths={m: lengths for m in MODALITIES}, index=index[k], ids=ids,
                                         name=split)
@@ -411,7 +413,7 @@ def _from_mmsa(obj, path, nonfinite: str) -> MultimodalData:
                 warnings.warn("%s: split %r 'text_bert' has shape %s, not (N, 3, T_l) = %s; text lengths "
                               "are taken as T_l" % (path, key, tb.shape, (n, 3, T_l)), stacklevel=3)
         for m in MODALITIES:
-            fix.clean(feats[m], "split %r %s" % (key, m))
+            feats[m] = fix.clean(feats[m], "split %r %s" % (key, m))
         ids = d.get("id")
         if ids is not None:
             ids = [_word(i) for i in np.asarray(ids, dtype=object).reshape(-1)]

@@ -55,7 +55,7 @@ def _per_modality(name: str, value: PerModality, kind=float) -> Dict[str, object
 def synthetic(n_train: int = 2000, n_dev: int = 400, n_test: int = 400, T: PerModality = 20,
               dims: PerModality = (32, 16, 16), impurity: PerModality = 0.3, seed: int = 0, *,
               strength: PerModality = (0.8, 0.5, 0.35), noise: float = 1.0, label_noise: float = 0.1,
-              min_length: Optional[PerModality] = None) -> MultimodalData:
+              min_length: Optional[PerModality] = None, marker: PerModality = 0.0) -> MultimodalData:
     """Generate the synthetic dataset (see the module docstring for the model).
 
     Args:
@@ -69,6 +69,10 @@ def synthetic(n_train: int = 2000, n_dev: int = 400, n_test: int = 400, T: PerMo
         noise: std of the per-step Gaussian noise; label_noise: std of the label noise.
         min_length: None -> every sample uses all T_m steps (as MIM pools over all T); else lengths are
             drawn uniformly from [min_length_m, T_m] per sample and modality.
+        marker: 0 (default) keeps impure steps indistinguishable step by step; a value c > 0 adds c·w_m
+            to every impure step, w_m a fixed random unit direction orthogonal to u_m — a signature the
+            impurity carries, as background speech or a sensor fault has its own spectrum — so a
+            per-step mask learner can spot it (``mim-fast train``'s demo uses this).
 
     Returns a :class:`MultimodalData` with float text features, impurity masks on every split, and
     ``meta`` holding the parameters and the directions u_m (``meta["directions"][m]``, float64 (d_m,)).
@@ -98,12 +102,21 @@ def synthetic(n_train: int = 2000, n_dev: int = 400, n_test: int = 400, T: PerMo
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v >= 0):
             raise ValueError("%s must be a finite number >= 0; got %r" % (name, v))
 
-    dir_seq, *split_seqs = np.random.SeedSequence(seed).spawn(1 + len(MultimodalData.SPLITS))
+    marks = _per_modality("marker", marker)
+    dir_seq, *split_seqs, mark_seq = np.random.SeedSequence(seed).spawn(2 + len(MultimodalData.SPLITS))
     dir_rng = np.random.default_rng(dir_seq)
     directions = {}
     for m in MODALITIES:
         u = dir_rng.standard_normal(ds[m])
         directions[m] = u / np.linalg.norm(u)
+    # marker directions: drawn from their own stream (so marker=0 leaves every other number unchanged),
+    # made orthogonal to u_m so the marker carries no sentiment
+    mark_rng = np.random.default_rng(mark_seq)
+    markers = {}
+    for m in MODALITIES:
+        w = mark_rng.standard_normal(ds[m])
+        w = w - directions[m] * (w @ directions[m]) if ds[m] > 1 else w
+        markers[m] = w / np.linalg.norm(w)
 
     splits = {}
     start = 0
@@ -129,6 +142,8 @@ def synthetic(n_train: int = 2000, n_dev: int = 400, n_test: int = 400, T: PerMo
             latent = np.where(mask, rng.uniform(-3.0, 3.0, (n, 1)), z[:, None])
             x = ss[m] * latent[:, :, None] * directions[m][None, None, :]
             x = x + noise * rng.standard_normal((n, Tm, dm))
+            if marks[m]:
+                x = x + marks[m] * mask[:, :, None] * markers[m][None, None, :]
             x[~valid] = 0.0
             feats[m], lengths[m], masks[m] = x.astype(np.float32), length, mask
         splits[split] = MultimodalSplit(feats["text"], feats["audio"], feats["vision"],
@@ -138,6 +153,6 @@ def synthetic(n_train: int = 2000, n_dev: int = 400, n_test: int = 400, T: PerMo
         start += n
 
     meta = {"format": "synthetic", "seed": seed, "T": Ts, "dims": ds, "impurity": imp, "strength": ss,
-            "noise": float(noise), "label_noise": float(label_noise), "min_length": mins,
-            "directions": directions}
+            "noise": float(noise), "label_noise": float(label_noise), "min_length": mins, "marker": marks,
+            "directions": directions, "marker_directions": markers}
     return MultimodalData(splits["train"], splits["dev"], splits["test"], name="synthetic", meta=meta)

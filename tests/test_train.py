@@ -1,0 +1,163 @@
+"""The MIM model, its training step, evaluation, checkpoint/resume and the `mim-fast train` CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mim_fast
+from mim_fast import train as T
+from mim_fast.nn import MIM, ModalitySpec
+
+TINY = dict(synthetic={"n_train": 96, "n_dev": 32, "n_test": 32, "T": 8, "dims": [8, 6, 5]}, d_model=10, heads=2,
+            batch_size=16, epochs=2, lr=3e-3)
+
+
+def tiny_config(tmp_path, **kw):
+    return T.TrainConfig(out=str(tmp_path / "run"), **{**TINY, **kw})
+
+
+def test_model_shapes_and_fusions():
+    specs = [ModalitySpec("text", "features", 12, 9), ModalitySpec("audio", "features", 7, 9, layers=1),
+             ModalitySpec("vision", "words", 30, 9)]
+    B = 5
+    inputs = {"text": torch.randn(B, 9, 12), "audio": torch.randn(B, 9, 7), "vision": torch.randint(0, 30, (B, 9))}
+    for fusion in mim_fast.nn.FUSIONS:
+        model = MIM(specs, d_model=6, heads=2, fusion=fusion)
+        out = model(inputs, {"audio": torch.tensor([9, 0, 3, 9, 1])}, seed=4)
+        assert out.prediction.shape == (B,) and out.yk.shape == (3, B) and out.purified.shape == (3, B, 6)
+        assert out.penalty.shape == (3,) and [g.shape for g in out.gates] == [(B, 9)] * 3
+        assert torch.equal(out.gates[1][1], torch.zeros(9))  # an empty audio sample: every gate closed
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        MIM(specs[:1])
+    with pytest.raises(ValueError, match="inputs is missing modality 'vision'"):
+        MIM(specs, d_model=6, heads=2)({"text": inputs["text"], "audio": inputs["audio"]})
+
+
+def test_two_phase_step_applies_both_gradient_sets(tmp_path):
+    """Adam's first step moves a parameter by lr·g/(|g| + eps): the mask learners by the sum of their
+    phase-A and phase-B steps, everything else by phase B alone — both gradients from one forward pass."""
+    cfg = tiny_config(tmp_path, lr=1e-3)
+    data = T.load_for_training(cfg)
+    torch.manual_seed(0)
+    model = T.build_model(data, cfg)
+    opt = T.Optimizers(model, cfg, torch.device("cpu"))
+    batch = next(T.batches(data.train, 16, shuffle=False, device=torch.device("cpu")))
+    torch.manual_seed(5)  # the same dropout masks in both forward passes
+    _, _, _, loss_a, loss_b = T.compute_losses(model, batch, cfg, 7, torch.device("cpu"))
+    upn = set(map(id, model.upn_parameters()))
+    params = list(model.parameters())
+    g_a = dict(zip(map(id, model.upn_parameters()),
+                   torch.autograd.grad(loss_a, model.upn_parameters(), retain_graph=True, allow_unused=True)))
+    g_b = dict(zip(map(id, params), torch.autograd.grad(loss_b, params, allow_unused=True)))
+    before = [p.detach().clone() for p in params]
+    torch.manual_seed(5)
+    _, _, _, loss_a, loss_b = T.compute_losses(model, batch, cfg, 7, torch.device("cpu"))
+    opt.step(loss_a, loss_b)
+    moved_upn = moved_other = 0
+    for p, p0 in zip(params, before):
+        step = torch.zeros_like(p)
+        for g in ((g_a.get(id(p)),) if id(p) in upn else ()) + (g_b.get(id(p)),):
+            if g is not None:
+                step += g / (g.abs() + 1e-8)
+        big = step.abs() > 1e-3
+        delta = (p0 - p.detach()) / cfg.lr
+        torch.testing.assert_close(delta, step, rtol=0, atol=1e-3)
+        if id(p) in upn:
+            moved_upn += int(big.sum())
+        else:
+            moved_other += int(big.sum())
+    assert moved_upn > 0 and moved_other > 0
+
+
+def test_fused_and_reference_ops_give_the_same_trajectory(tmp_path):
+    if mim_fast.backend_status("purify_gate", "cpu")["cpu"] is not None:
+        pytest.skip("mim_fast._C not built")
+    runs = {}
+    for backend in ("torch", "auto"):
+        cfg = tiny_config(tmp_path / backend, backend=backend, epochs=1)
+        data = T.load_for_training(cfg)
+        torch.manual_seed(0)
+        model = T.build_model(data, cfg)
+        opt = T.Optimizers(model, cfg, torch.device("cpu"))
+        losses, gates = [], []
+        for step, batch in enumerate(T.batches(data.train, 16, shuffle=True, device=torch.device("cpu"), seed=3)):
+            with torch.no_grad():
+                out = model(batch.inputs, batch.lengths, noise=T._noise(model, batch, 11))
+            gates.append([g.clone() for g in out.gates])
+            torch.manual_seed(100 + step)  # the same dropout masks on both backends
+            losses.append(T.train_step(model, opt, batch, cfg, 11, torch.device("cpu")))
+        runs[backend] = (losses, gates)
+    (l_ref, g_ref), (l_fused, g_fused) = runs["torch"], runs["auto"]
+    assert len(l_ref) == 6
+    for step, (a, b) in enumerate(zip(g_ref, g_fused)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), "gates differ at step %d" % step
+    for a, b in zip(l_ref, l_fused):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-4 * (1 + abs(a[k])), (k, a[k], b[k])
+
+
+def test_training_learns_and_writes_the_run_folder(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=4, lr=1e-2, d_model=16, synthetic={**TINY["synthetic"], "n_train": 512})
+    result = T.run(cfg, progress=False, log=lambda *a: None)
+    out = tmp_path / "run"
+    for name in ("config.json", "metrics.json", "checkpoint.pt", "best.pt", "curves.png", "gates.png"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["best"]["epoch"] == result["best"]["epoch"]
+    assert len(saved["history"]) == 4
+    best = result["best"]["test"]
+    assert best["mae"] < 0.8 * result["baseline"]["mae"]  # clearly better than predicting the mean
+    assert set(best["purification"]) == {"text", "audio", "vision"}
+    assert result["best"]["dev"]["l1"] == min(h["dev"]["l1"] for h in result["history"])
+
+
+def test_resume_after_an_interrupted_epoch_reproduces_the_uninterrupted_run(tmp_path):
+    full = T.run(tiny_config(tmp_path / "a", epochs=3), progress=False, log=lambda *a: None)
+    cfg = tiny_config(tmp_path / "b", epochs=3)
+    steps_per_epoch = 96 // 16
+    partial = T.run(cfg, progress=False, log=lambda *a: None, stop_after_steps=2 * steps_per_epoch + 2)
+    assert partial["interrupted_at_epoch"] == 3
+    resumed = T.run(tiny_config(tmp_path / "b", epochs=3), resume=True, progress=False, log=lambda *a: None)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(full["history"], resumed["history"]):
+        assert a["train"] == b["train"] and a["dev"]["l1"] == b["dev"]["l1"] and a["test"]["mae"] == b["test"]["mae"]
+    a_model = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=False)["model"]
+    b_model = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["model"]
+    for k in a_model:
+        assert torch.equal(a_model[k], b_model[k]), k
+
+
+def test_run_folder_is_not_overwritten_unless_asked(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    T.run(cfg, progress=False, log=lambda *a: None)
+    with pytest.raises(T.RunFolderExists, match="--overwrite"):
+        T.run(cfg, progress=False, log=lambda *a: None)
+    T.run(cfg, overwrite=True, progress=False, log=lambda *a: None)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        T.run(tiny_config(tmp_path / "empty", epochs=1), resume=True, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("option", [dict(optimizer="joint"), dict(per_sample=False), dict(eval_gate="sample"),
+                                    dict(amp="bf16"), dict(fusion="tensor")])
+def test_training_options_run(tmp_path, option):
+    result = T.run(tiny_config(tmp_path, epochs=1, **option), progress=False, log=lambda *a: None)
+    assert torch.isfinite(torch.tensor(result["best"]["test"]["mae"]))
+
+
+def test_cli_train_and_its_errors(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "mim_fast", "train", "--out", str(out), "--epochs", "1", "--quiet", "--batch-size",
+           "64"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "trivial baseline" in res.stdout and "best epoch 1" in res.stdout
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    res = subprocess.run(cmd[:4] + ["--data", str(tmp_path / "missing.pkl"), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 2 and "missing.pkl" in res.stderr
