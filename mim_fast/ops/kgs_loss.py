@@ -1,9 +1,9 @@
 """``mim_fast.kgs_loss``: SPEC §2, the per-sample Knowledge Guidance Scheme loss."""
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import reference
+from .. import _ext, reference
 from .._types import KGSLossOutput
 from . import _backends, _checks
 
@@ -40,7 +40,7 @@ def kgs_loss(
         weights: (w_intra, w_inter, w_masked, w_unmasked) for ``loss``.
         reduction: "mean" (over samples), "sum", or "none" (every term per sample, (B,)).
         eps: ε in λ = r / (Σ r + ε) (> 0).
-        backend: "auto", "torch", "cpu", "triton" or "cuda".
+        backend: "auto", "torch", "cpu", "triton" or "cuda" (the fused kernels; float64 on "cpu" only).
 
     Returns:
         ``KGSLossOutput(loss, intra, inter, masked, unmasked, teacher (B,) int64 with -1 for none,
@@ -50,6 +50,15 @@ def kgs_loss(
     Routing (which branch teaches which, α, the teacher) uses detached errors and is exact: ties give
     no transfer and no teacher. NaN in an input propagates to the terms it enters; a NaN error never
     wins a comparison, so a sample with a NaN error has no teacher.
+
+    Fused backends ("cpu", "cuda", "triton"): one kernel pass computes, per sample, the routing, the
+    terms and — when an input requires grad — every per-term gradient (the backward only scales them by
+    the incoming gradients, one more pass). Bytes: h read once (M·B·D), ∂inter/∂h written once, plus
+    O(M·B); the backward reads the saved ∂inter/∂h and writes ∂L/∂h. Launches: forward 1 (+1 small
+    batch-mean pass with per_sample=False), backward 1. Results are deterministic; they differ from the
+    "torch" backend only by float32 summation order (routing decisions are identical). The saved
+    ∂inter/∂h has h's dtype (for float16/bfloat16 h: one extra rounding of ∂L/∂h, ≤ 1 ulp). Double
+    backward (create_graph=True) is not supported by the fused backends.
     """
     _checks.float_tensor("yk", yk, ndim=2, layout="(M, B)")
     M, B = yk.shape
@@ -83,3 +92,131 @@ def kgs_loss(
 
 
 _backends.register("kgs_loss", "torch", reference.kgs_loss, _backends.always)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused backends: torch.library ops (C++ for CPU/CUDA in csrc/kgs_loss.cpp, Triton below). The
+# forward op returns (loss, intra, inter, masked, unmasked, teacher, alpha, saved_preds, saved_h): the
+# last two are the per-term gradients it computed on the way — saved_preds (4, M, B) in the compute
+# dtype holds r·J·2(yk−yu), r·I·2(yu−yk), r·sign(yk−y), r·sign(yu−y) and saved_h (M, B, D) in h's dtype
+# holds r·½T²(q−p)/s (r = 1/B for "mean", else 1) — and the backward op scales them by
+# c_k = G_k + w_k·G_loss. Fakes and autograd are registered here so torch.compile(fullgraph=True)
+# traces through with no graph break.
+# ----------------------------------------------------------------------------------------------------
+def _fused(forward_op):
+    def impl(yk, yu, y, h, *, per_sample, kd_scale, kd_divide_T, weights, reduction, eps):
+        # Gradients are computed in the forward pass only when autograd will ask for them.
+        grad_on = torch.is_grad_enabled()
+        grad_preds = grad_on and (yk.requires_grad or yu.requires_grad or y.requires_grad)
+        grad_h = grad_on and h.requires_grad
+        out = forward_op(yk, yu, y, h, per_sample, kd_scale, kd_divide_T, list(weights), reduction, eps, grad_preds,
+                         grad_h)
+        return KGSLossOutput(*out[:7])
+    return impl
+
+
+def _acc_dtype(*dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _forward_fake(acc_of):
+    def fake(yk, yu, y, h, per_sample, kd_scale, kd_divide_T, weights, reduction, eps, grad_preds, grad_h):
+        M, B = yk.shape
+        D = h.shape[2]
+        out = torch.promote_types(torch.promote_types(yk.dtype, yu.dtype), torch.promote_types(y.dtype, h.dtype))
+        term_shape = (B,) if reduction == "none" else ()
+        acc = acc_of(yk.dtype, yu.dtype, y.dtype, h.dtype)
+        return tuple(h.new_empty(term_shape, dtype=out) for _ in range(5)) + (
+            h.new_empty((B,), dtype=torch.int64), h.new_empty((M, B), dtype=out),
+            h.new_empty((4, M, B) if grad_preds else (0,), dtype=acc),
+            h.new_empty((M, B, D) if grad_h else (0,), dtype=h.dtype))
+    return fake
+
+
+def _backward_fake(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked, saved_preds, saved_h, weights,
+                   yk_dtype, yu_dtype, y_dtype):
+    has_preds = saved_preds.numel() > 0
+    small = tuple(saved_preds.shape[1:]) if has_preds else (0,)
+    B = saved_preds.shape[2] if has_preds else 0
+    return (saved_preds.new_empty(small, dtype=yk_dtype), saved_preds.new_empty(small, dtype=yu_dtype),
+            saved_preds.new_empty((B,) if has_preds else (0,), dtype=y_dtype),
+            saved_h.new_empty(saved_h.shape))
+
+
+def _register_autograd(forward_name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        yk, yu, y, h, _, _, _, weights = inputs[:8]
+        ctx.save_for_backward(output[7], output[8])
+        ctx.weights = list(weights)
+        ctx.dtypes = (yk.dtype, yu.dtype, y.dtype)
+        ctx.mark_non_differentiable(output[5], output[6], output[7], output[8])
+        # Unused outputs arrive as None (the kernel reads them as zero) instead of zero tensors that
+        # autograd would otherwise allocate and fill, (M, B, D)-sized for saved_h.
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked, *_):
+        saved_preds, saved_h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if (any(need[:3]) and saved_preds.numel() == 0) or (need[3] and saved_h.numel() == 0):
+            raise RuntimeError("kgs_loss_forward was called with grad_preds/grad_h off for an input that requires "
+                               "grad: call mim_fast.kgs_loss, which sets them from requires_grad")
+
+        def reached(*grads):
+            return any(g is not None for g in grads)
+
+        # An input gets a gradient only from the terms that gradients reached (None otherwise, as the
+        # reference's autograd graph gives): back-propagating only `masked` does not touch ∂L/∂h.
+        want = (need[0] and reached(grad_loss, grad_intra, grad_masked),
+                need[1] and reached(grad_loss, grad_intra, grad_unmasked),
+                need[2] and reached(grad_loss, grad_masked, grad_unmasked),
+                need[3] and reached(grad_loss, grad_inter))
+        empty = saved_preds.new_empty((0,))
+        gyk, gyu, gy, gh = backward_op(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked,
+                                       saved_preds if any(want[:3]) else empty,
+                                       saved_h if want[3] else saved_h.new_empty((0,)), ctx.weights, *ctx.dtypes)
+        return (gyk if want[0] else None, gyu if want[1] else None, gy if want[2] else None,
+                gh if want[3] else None) + (None,) * 8
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+
+_float16_32 = _backends.none_of((torch.float16, torch.bfloat16, torch.float32))
+
+if _ext.C is not None:
+    torch.library.register_fake("mim_fast::kgs_loss_forward")(_forward_fake(_acc_dtype))
+    torch.library.register_fake("mim_fast::kgs_loss_backward")(_backward_fake)
+    _register_autograd("mim_fast::kgs_loss_forward", torch.ops.mim_fast.kgs_loss_backward)
+    _backends.register("kgs_loss", "cpu", _fused(torch.ops.mim_fast.kgs_loss_forward), _backends.needs_cpu_extension)
+    _backends.register("kgs_loss", "cuda", _fused(torch.ops.mim_fast.kgs_loss_forward),
+                       _backends.all_of(_backends.needs_cuda_extension, _float16_32))
+
+
+@torch.library.custom_op("mim_fast::kgs_loss_forward_triton", mutates_args=())
+def _forward_triton(yk: torch.Tensor, yu: torch.Tensor, y: torch.Tensor, h: torch.Tensor, per_sample: bool,
+                    kd_scale: float, kd_divide_T: bool, weights: List[float], reduction: str, eps: float,
+                    grad_preds: bool, grad_h: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    from ..triton import kgs_loss as kernels
+
+    return kernels.kgs_loss_forward(yk, yu, y, h, per_sample, kd_scale, kd_divide_T, weights, reduction, eps,
+                                    grad_preds, grad_h)
+
+
+@torch.library.custom_op("mim_fast::kgs_loss_backward_triton", mutates_args=())
+def _backward_triton(grad_loss: Optional[torch.Tensor], grad_intra: Optional[torch.Tensor],
+                     grad_inter: Optional[torch.Tensor], grad_masked: Optional[torch.Tensor],
+                     grad_unmasked: Optional[torch.Tensor], saved_preds: torch.Tensor, saved_h: torch.Tensor,
+                     weights: List[float], yk_dtype: torch.dtype, yu_dtype: torch.dtype,
+                     y_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import kgs_loss as kernels
+
+    return kernels.kgs_loss_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked, saved_preds,
+                                     saved_h, weights, yk_dtype, yu_dtype, y_dtype)
+
+
+_forward_triton.register_fake(_forward_fake(lambda *dtypes: torch.float32))
+_backward_triton.register_fake(_backward_fake)
+_register_autograd("mim_fast::kgs_loss_forward_triton", torch.ops.mim_fast.kgs_loss_backward_triton)
+_backends.register("kgs_loss", "triton", _fused(torch.ops.mim_fast.kgs_loss_forward_triton),
+                   _backends.all_of(_backends.needs_triton, _float16_32))
