@@ -744,3 +744,51 @@ def test_cuda_large_batch_and_wide_rows():
     for (M, B, D), per_sample in [((3, 65536, 80), True), ((3, 20000, 80), False), ((4, 7, 5000), True)]:
         yk, yu, y, h = make_inputs(M, B, D, dtype=torch.float32)
         compare_to_reference("cuda", yk, yu, y, h, _random_grad_out(B, "mean", "cpu"), per_sample=per_sample)
+
+
+# ====================================================================================================
+# mim_fast.nn.KGSLoss
+# ====================================================================================================
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_module_equals_functional_and_drives_mims_two_gradient_sets(backend):
+    """The module is kgs_loss with its options fixed; MIM's step takes two gradient sets from one
+    forward (SPEC §3): masked → the mask learners, unmasked + inter + intra → everything."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    loss_fn = mim_fast.nn.KGSLoss(per_sample=True, kd_scale=8.0, kd_divide_T=True, weights=(0.5, 1.0, 2.0, 1.0),
+                                  reduction="mean", backend=backend)
+    assert "kd_scale=8" in repr(loss_fn) and "reduction='mean'" in repr(loss_fn) and not list(loss_fn.parameters())
+    yk, yu, y, h = (t.to(dev) for t in make_inputs(3, 12, 16, dtype=torch.float32))
+    out = loss_fn(yk, yu, y, h)
+    ref = mim_fast.kgs_loss(yk, yu, y, h, kd_scale=8.0, kd_divide_T=True, weights=(0.5, 1.0, 2.0, 1.0),
+                            backend=backend)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+    ins = [t.clone().requires_grad_() for t in (yk, yu, y, h)]
+    ref_ins = [t.detach().cpu().clone().requires_grad_() for t in ins]
+    grads = []
+    for xs, fn in ((ins, loss_fn), (ref_ins, mim_fast.nn.KGSLoss(kd_scale=8.0, kd_divide_T=True, backend="torch"))):
+        o = fn(*xs)
+        g_a = torch.autograd.grad(o.masked, xs, allow_unused=True, retain_graph=True)
+        g_b = torch.autograd.grad(o.unmasked + o.inter + o.intra, xs, allow_unused=True)
+        grads.append((g_a, g_b))
+    for got, want in zip(grads[0], grads[1]):
+        for name, a, b in zip(("yk", "yu", "y", "h"), got, want):
+            assert (a is None) == (b is None), name
+            if b is not None:
+                _close(a, b, name)
+
+
+def test_module_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        mim_fast.nn.KGSLoss(reduction="avg")
+    with pytest.raises(ValueError, match="kd_scale must be a finite number > 0"):
+        mim_fast.nn.KGSLoss(kd_scale=-1.0)
+    with pytest.raises(ValueError, match="weights must be 4 numbers"):
+        mim_fast.nn.KGSLoss(weights=(1.0,))
+    with pytest.raises(TypeError, match="per_sample must be a bool"):
+        mim_fast.nn.KGSLoss(per_sample=1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mim_fast.nn.KGSLoss(backend="gpu")
