@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -82,11 +83,18 @@ Shapes check_forward_args(const at::Tensor& yk, const at::Tensor& yu, const at::
 template <typename scalar_t, typename A>
 struct ForwardCpu {
   int64_t M, B, D;
-  const A* yk;  // (M, B) contiguous
-  const A* yu;  // (M, B) contiguous
+  const A* yk;  // (M, B) contiguous, or null with heads
+  const A* yu;  // (M, B) contiguous, or null with heads
   const A* y;   // (B,)
   const scalar_t* h;
   int64_t hM, hB, hD;   // strides of h (elements)
+  // kgs_loss_with_heads: yk[m, i] = h[m, i]·head_w[m] + head_b[m], yu likewise from hu, each rounded to
+  // the predictions' dtype (pred_round) as a Linear in that dtype would; yk/yu above are then null.
+  const scalar_t* hu;
+  int64_t uM, uB, uD;   // strides of hu
+  const A* head_w;      // (M, D) contiguous
+  const A* head_b;      // (M,)
+  int pred_round;
   const A* rk_mean;     // (M,) batch means (per_sample=False) or null
   const A* ru_mean;
   A kd_scale, eps, scale;  // scale: the reduction's 1/B (mean) or 1, folded into the saved gradients
@@ -230,12 +238,51 @@ KGS_ALWAYS_INLINE A student_kl(const RowSoftmax<A>& t, const RowSoftmax<A>& s, i
   return sum_lanes(lanes);
 }
 
+// Rounding of a head's output to the predictions' dtype (a Linear in that dtype rounds once at the end).
+enum PredRound : int { kRoundNone = 0, kRoundHalf = 1, kRoundBFloat16 = 2, kRoundFloat = 3 };
+
+template <typename A>
+KGS_ALWAYS_INLINE A round_prediction(A v, int how) {
+  switch (how) {
+    case kRoundHalf: return static_cast<A>(static_cast<float>(static_cast<at::Half>(static_cast<float>(v))));
+    case kRoundBFloat16: return static_cast<A>(static_cast<float>(static_cast<at::BFloat16>(static_cast<float>(v))));
+    case kRoundFloat: return static_cast<A>(static_cast<float>(v));
+    default: return v;
+  }
+}
+
+// Σ_d row[d]·w[d] in kLanes partial sums (vectorizable, one order at every width).
+template <typename scalar_t, typename A>
+KGS_ALWAYS_INLINE A row_dot(const scalar_t* __restrict__ row, int64_t sD, int64_t D, const A* __restrict__ w) {
+  A lanes[kLanes] = {};
+  int64_t d = 0;
+  if (sD == 1) {
+    for (; d + kLanes <= D; d += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<A>(row[d + l]) * w[d + l];
+    }
+  }
+  for (; d < D; ++d) lanes[d % kLanes] += static_cast<A>(row[d * sD]) * w[d];
+  return sum_lanes(lanes);
+}
+
+// The predictions of sample i from the heads (kgs_loss_with_heads).
+template <typename scalar_t, typename A>
+KGS_ALWAYS_INLINE void head_predictions(const ForwardCpu<scalar_t, A>& a, int64_t i, A* pk, A* pu) {
+  for (int64_t m = 0; m < a.M; ++m) {
+    const A* w = a.head_w + m * a.D;
+    pk[m] = round_prediction<A>(row_dot<scalar_t, A>(a.h + m * a.hM + i * a.hB, a.hD, a.D, w) + a.head_b[m],
+                                a.pred_round);
+    pu[m] = round_prediction<A>(row_dot<scalar_t, A>(a.hu + m * a.uM + i * a.uB, a.uD, a.D, w) + a.head_b[m],
+                                a.pred_round);
+  }
+}
+
 // Per-thread scratch: the errors and Adjuster state of one sample and the z = x − max and exp(z) rows
 // of its M h rows (2·M·D values: L1/L2-resident for MIM's sizes).
 template <typename A>
 struct Workspace {
-  std::vector<A> rk, ru, z, e, log_sum, inv_sum;
-  Workspace(int64_t M, int64_t D) : rk(M), ru(M), z(M * D), e(M * D), log_sum(M), inv_sum(M) {}
+  std::vector<A> rk, ru, pk, pu, z, e, log_sum, inv_sum;
+  Workspace(int64_t M, int64_t D) : rk(M), ru(M), pk(M), pu(M), z(M * D), e(M * D), log_sum(M), inv_sum(M) {}
   RowSoftmax<A> row(int64_t m, int64_t D) const {
     return {z.data() + m * D, e.data() + m * D, log_sum[m], inv_sum[m]};
   }
@@ -246,10 +293,18 @@ template <typename scalar_t, typename A>
 KGS_ALWAYS_INLINE void forward_sample(const ForwardCpu<scalar_t, A>& a, int64_t i, Workspace<A>& ws) {
   const int64_t M = a.M, B = a.B, D = a.D;
   const A yi = a.y[i];
+  if (a.yk == nullptr) {  // heads: the predictions from this sample's rows (h's stay in L1 for the KL)
+    head_predictions(a, i, ws.pk.data(), ws.pu.data());
+  } else {
+    for (int64_t m = 0; m < M; ++m) {
+      ws.pk[m] = a.yk[m * B + i];
+      ws.pu[m] = a.yu[m * B + i];
+    }
+  }
   A intra = A(0), masked = A(0), unmasked = A(0), sum_rk = A(0);
   kgs::TeacherScan<A> scan = kgs::TeacherScan<A>::empty();
   for (int64_t m = 0; m < M; ++m) {
-    const A yk = a.yk[m * B + i], yu = a.yu[m * B + i];
+    const A yk = ws.pk[m], yu = ws.pu[m];
     const A ek = std::abs(yk - yi), eu = std::abs(yu - yi);
     masked += ek;
     unmasked += eu;
@@ -371,16 +426,88 @@ struct ForwardOptions {
   double w[4];
 };
 
+// kgs_loss_with_heads, per_sample=False: the predictions of every sample first (the batch means need
+// them all), into (M, B) buffers the fused pass then reads.
+template <typename scalar_t, typename A>
+KGS_ALWAYS_INLINE void predictions_range_body(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk,
+                                              A* pu) {
+  std::vector<A> k(a.M), u(a.M);
+  for (int64_t i = begin; i < end; ++i) {
+    head_predictions(a, i, k.data(), u.data());
+    for (int64_t m = 0; m < a.M; ++m) {
+      pk[m * a.B + i] = k[m];
+      pu[m * a.B + i] = u[m];
+    }
+  }
+}
+
+template <typename scalar_t, typename A>
+void predictions_range_default(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk, A* pu) {
+  predictions_range_body(a, begin, end, pk, pu);
+}
+#if KGS_ISA_DISPATCH
+template <typename scalar_t, typename A>
+__attribute__((target("avx2"))) void predictions_range_avx2(const ForwardCpu<scalar_t, A>& a, int64_t begin,
+                                                            int64_t end, A* pk, A* pu) {
+  predictions_range_body(a, begin, end, pk, pu);
+}
+template <typename scalar_t, typename A>
+__attribute__((target("avx512f"))) void predictions_range_avx512(const ForwardCpu<scalar_t, A>& a, int64_t begin,
+                                                                 int64_t end, A* pk, A* pu) {
+  predictions_range_body(a, begin, end, pk, pu);
+}
+#endif
+
+template <typename scalar_t, typename A>
+void predictions_range(Isa isa, const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk, A* pu) {
+#if KGS_ISA_DISPATCH
+  if (isa == Isa::kAvx512) return predictions_range_avx512(a, begin, end, pk, pu);
+  if (isa == Isa::kAvx2) return predictions_range_avx2(a, begin, end, pk, pu);
+#else
+  (void)isa;
+#endif
+  predictions_range_default(a, begin, end, pk, pu);
+}
+
+// The heads of kgs_loss_with_heads: h_unmasked (any strides, h's dtype), weight (M, D) and bias (M,)
+// in the compute dtype, contiguous.
+struct Heads {
+  at::Tensor hu, weight, bias;
+  int pred_round;
+};
+
 template <typename scalar_t, typename A>
 void forward_cpu(const at::Tensor& yk, const at::Tensor& yu, const at::Tensor& y, const at::Tensor& h,
-                 const ForwardOptions& o, at::Tensor& terms, at::Tensor& teacher, at::Tensor& alpha,
-                 at::Tensor& grad_preds, at::Tensor& grad_h) {
+                 const Heads* heads, const ForwardOptions& o, at::Tensor& terms, at::Tensor& teacher,
+                 at::Tensor& alpha, at::Tensor& grad_preds, at::Tensor& grad_h) {
   const int64_t M = h.size(0), B = h.size(1), D = h.size(2);
   ForwardCpu<scalar_t, A> a{};
   a.M = M; a.B = B; a.D = D;
-  a.yk = yk.data_ptr<A>(); a.yu = yu.data_ptr<A>(); a.y = y.data_ptr<A>();
+  a.y = y.data_ptr<A>();
   a.h = h.data_ptr<scalar_t>();
   a.hM = h.stride(0); a.hB = h.stride(1); a.hD = h.stride(2);
+  const Isa isa = cpu_isa();
+  // ~16K feature values per task: enough work to amortize a task, small enough to balance threads.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (M * D));
+  std::vector<A> preds;
+  if (heads != nullptr) {
+    a.hu = heads->hu.data_ptr<scalar_t>();
+    a.uM = heads->hu.stride(0); a.uB = heads->hu.stride(1); a.uD = heads->hu.stride(2);
+    a.head_w = heads->weight.data_ptr<A>();
+    a.head_b = heads->bias.data_ptr<A>();
+    a.pred_round = heads->pred_round;
+    if (!o.per_sample) {
+      preds.resize(2 * M * B);
+      at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+        predictions_range<scalar_t, A>(isa, a, begin, end, preds.data(), preds.data() + M * B);
+      });
+      a.yk = preds.data();
+      a.yu = preds.data() + M * B;
+    }
+  } else {
+    a.yk = yk.data_ptr<A>();
+    a.yu = yu.data_ptr<A>();
+  }
   std::vector<A> means;
   if (!o.per_sample) {
     means.resize(2 * M);
@@ -399,9 +526,6 @@ void forward_cpu(const at::Tensor& yk, const at::Tensor& yu, const at::Tensor& y
   a.alpha = alpha.data_ptr<A>();
   a.grad_preds = o.grad_preds ? grad_preds.data_ptr<A>() : nullptr;
   a.grad_h = o.grad_h ? grad_h.data_ptr<scalar_t>() : nullptr;
-  const Isa isa = cpu_isa();
-  // ~16K feature values per task: enough work to amortize a task, small enough to balance threads.
-  const int64_t grain = std::max<int64_t>(1, 16384 / (M * D));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { forward_range<scalar_t, A>(isa, a, begin, end); });
 }
 
@@ -494,11 +618,8 @@ cuda::KgsDType kgs_dtype(at::ScalarType t) {
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                  at::Tensor, at::Tensor>;
 
-ForwardResult kgs_loss_forward(const at::Tensor& yk, const at::Tensor& yu, const at::Tensor& y, const at::Tensor& h,
-                               bool per_sample, double kd_scale, bool kd_divide_T, at::ArrayRef<double> weights,
-                               c10::string_view reduction, double eps, bool grad_preds, bool grad_h) {
-  const Shapes s = check_forward_args(yk, yu, y, h, weights, kd_scale, eps);
-  const int64_t M = s.M, B = s.B, D = s.D;
+ForwardOptions make_options(bool per_sample, double kd_scale, bool kd_divide_T, at::ArrayRef<double> weights,
+                            c10::string_view reduction, double eps, bool grad_preds, bool grad_h) {
   ForwardOptions o{};
   o.per_sample = per_sample;
   o.divide_T = kd_divide_T;
@@ -508,45 +629,65 @@ ForwardResult kgs_loss_forward(const at::Tensor& yk, const at::Tensor& yu, const
   o.kd_scale = kd_scale;
   o.eps = eps;
   for (int k = 0; k < 4; ++k) o.w[k] = weights[k];
+  return o;
+}
+
+// The CPU forward of both ops: yk_a, yu_a, y_a in the compute dtype (yk_a/yu_a undefined with heads).
+ForwardResult forward_cpu_op(const at::Tensor& yk_a, const at::Tensor& yu_a, const at::Tensor& y_a, const at::Tensor& h,
+                             const Heads* heads, const ForwardOptions& o, at::ScalarType out_t, at::ScalarType acc) {
+  const int64_t M = h.size(0), B = h.size(1), D = h.size(2);
+  const auto acc_opts = h.options().dtype(acc);
+  at::Tensor teacher = at::empty({B}, h.options().dtype(at::kLong));
+  at::Tensor saved_preds = o.grad_preds ? at::empty({4, M, B}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor saved_h = o.grad_h ? at::empty({M, B, D}, h.options()) : at::empty({0}, h.options());
+  advise_huge_pages(saved_h);
+  at::Tensor terms = at::empty({5, B}, acc_opts);
+  at::Tensor alpha = at::empty({M, B}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "kgs_loss_forward_cpu", [&] {
+    if (acc == at::kDouble) {
+      forward_cpu<scalar_t, double>(yk_a, yu_a, y_a, h, heads, o, terms, teacher, alpha, saved_preds, saved_h);
+    } else {
+      forward_cpu<scalar_t, float>(yk_a, yu_a, y_a, h, heads, o, terms, teacher, alpha, saved_preds, saved_h);
+    }
+  });
+  std::vector<at::Tensor> outs(5);
+  if (o.reduction == kNone) {
+    for (int k = 0; k < 5; ++k) outs[k] = terms[k].to(out_t, false, /*copy=*/true);  // outputs may not alias
+  } else {
+    // Sums in double, sample order: deterministic for any thread count.
+    AT_DISPATCH_FLOATING_TYPES(acc, "kgs_loss_reduce_cpu", [&] {
+      const scalar_t* p = terms.data_ptr<scalar_t>();
+      for (int k = 0; k < 5; ++k) {
+        double total = 0.0;
+        for (int64_t i = 0; i < B; ++i) total += static_cast<double>(p[k * B + i]);
+        if (o.reduction == kMean) total /= static_cast<double>(B);
+        outs[k] = at::scalar_tensor(static_cast<scalar_t>(total), acc_opts).to(out_t);
+      }
+    });
+  }
+  return {outs[0], outs[1], outs[2], outs[3], outs[4], teacher, alpha.to(out_t), saved_preds, saved_h};
+}
+
+ForwardResult kgs_loss_forward(const at::Tensor& yk, const at::Tensor& yu, const at::Tensor& y, const at::Tensor& h,
+                               bool per_sample, double kd_scale, bool kd_divide_T, at::ArrayRef<double> weights,
+                               c10::string_view reduction, double eps, bool grad_preds, bool grad_h) {
+  const Shapes s = check_forward_args(yk, yu, y, h, weights, kd_scale, eps);
+  const int64_t M = s.M, B = s.B, D = s.D;
+  const ForwardOptions o = make_options(per_sample, kd_scale, kd_divide_T, weights, reduction, eps, grad_preds, grad_h);
   const at::ScalarType out_t =
       at::promote_types(at::promote_types(yk.scalar_type(), yu.scalar_type()), at::promote_types(y.scalar_type(), h.scalar_type()));
   const at::ScalarType acc = out_t == at::kDouble ? at::kDouble : at::kFloat;
+
+  if (h.is_cpu()) {
+    // The (M, B)-sized inputs are converted once to the compute type (negligible next to h).
+    return forward_cpu_op(yk.to(acc).contiguous(), yu.to(acc).contiguous(), y.to(acc).contiguous(), h, nullptr, o,
+                          out_t, acc);
+  }
   const auto acc_opts = h.options().dtype(acc);
   at::Tensor teacher = at::empty({B}, h.options().dtype(at::kLong));
   at::Tensor saved_preds = grad_preds ? at::empty({4, M, B}, acc_opts) : at::empty({0}, acc_opts);
   at::Tensor saved_h = grad_h ? at::empty({M, B, D}, h.options()) : at::empty({0}, h.options());
   const std::vector<int64_t> term_shape = o.reduction == kNone ? std::vector<int64_t>{B} : std::vector<int64_t>{};
-
-  if (h.is_cpu()) {
-    advise_huge_pages(saved_h);
-    // The (M, B)-sized inputs are converted once to the compute type (negligible next to h).
-    const at::Tensor yk_a = yk.to(acc).contiguous(), yu_a = yu.to(acc).contiguous(), y_a = y.to(acc).contiguous();
-    at::Tensor terms = at::empty({5, B}, acc_opts);
-    at::Tensor alpha = at::empty({M, B}, acc_opts);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "kgs_loss_forward_cpu", [&] {
-      if (acc == at::kDouble) {
-        forward_cpu<scalar_t, double>(yk_a, yu_a, y_a, h, o, terms, teacher, alpha, saved_preds, saved_h);
-      } else {
-        forward_cpu<scalar_t, float>(yk_a, yu_a, y_a, h, o, terms, teacher, alpha, saved_preds, saved_h);
-      }
-    });
-    std::vector<at::Tensor> outs(5);
-    if (o.reduction == kNone) {
-      for (int k = 0; k < 5; ++k) outs[k] = terms[k].to(out_t, false, /*copy=*/true);  // outputs may not alias
-    } else {
-      // Sums in double, sample order: deterministic for any thread count.
-      AT_DISPATCH_FLOATING_TYPES(acc, "kgs_loss_reduce_cpu", [&] {
-        const scalar_t* p = terms.data_ptr<scalar_t>();
-        for (int k = 0; k < 5; ++k) {
-          double total = 0.0;
-          for (int64_t i = 0; i < B; ++i) total += static_cast<double>(p[k * B + i]);
-          if (o.reduction == kMean) total /= static_cast<double>(B);
-          outs[k] = at::scalar_tensor(static_cast<scalar_t>(total), acc_opts).to(out_t);
-        }
-      });
-    }
-    return {outs[0], outs[1], outs[2], outs[3], outs[4], teacher, alpha.to(out_t), saved_preds, saved_h};
-  }
 
 #if MIM_FAST_WITH_CUDA
   TORCH_CHECK(h.is_cuda(), "mim_fast::kgs_loss: unsupported device ", h.device());
@@ -689,11 +830,222 @@ BackwardResult kgs_loss_backward(const c10::optional<at::Tensor>& grad_loss, con
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------------
+// kgs_loss_with_heads (CPU): the predictions come from MIM's per-modality heads inside the fused pass,
+// yk[m, i] = h_masked[m, i]·weight[m] + bias[m], yu[m, i] = h_unmasked[m, i]·weight[m] + bias[m].
+// Forward: h_masked and h_unmasked read once (per_sample=True; per_sample=False reads h_masked twice:
+// once for the predictions the batch means need, once in the fused pass). Backward: one pass reading
+// h_masked, h_unmasked and the saved ∂inter/∂h, writing their gradients; the weight/bias gradients are
+// reduced over fixed sample chunks, then over the chunks in order (deterministic).
+// ---------------------------------------------------------------------------------------------------
+int pred_round_for(at::ScalarType pred_t, at::ScalarType acc) {
+  if (pred_t == at::kHalf) return kRoundHalf;
+  if (pred_t == at::kBFloat16) return kRoundBFloat16;
+  if (pred_t == at::kFloat && acc == at::kDouble) return kRoundFloat;
+  return kRoundNone;
+}
+
+ForwardResult kgs_loss_heads_forward(const at::Tensor& h_masked, const at::Tensor& h_unmasked, const at::Tensor& weight,
+                                     const at::Tensor& bias, const at::Tensor& y, bool per_sample, double kd_scale,
+                                     bool kd_divide_T, at::ArrayRef<double> weights, c10::string_view reduction,
+                                     double eps, bool grad_preds, bool grad_h) {
+  TORCH_CHECK(h_masked.dim() == 3 && h_masked.size(0) >= 2 && h_masked.size(1) >= 1 && h_masked.size(2) >= 1,
+              "mim_fast::kgs_loss_with_heads: h_masked must be (M, B, D) with M >= 2, B >= 1, D >= 1, got ",
+              h_masked.sizes());
+  const int64_t M = h_masked.size(0), B = h_masked.size(1), D = h_masked.size(2);
+  TORCH_CHECK(h_unmasked.sizes() == h_masked.sizes() && h_unmasked.scalar_type() == h_masked.scalar_type(),
+              "mim_fast::kgs_loss_with_heads: h_unmasked must match h_masked's shape and dtype");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == M && weight.size(1) == D,
+              "mim_fast::kgs_loss_with_heads: weight must be (M, D)");
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == M, "mim_fast::kgs_loss_with_heads: bias must be (M,)");
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == B, "mim_fast::kgs_loss_with_heads: y must be (B,)");
+  for (const at::Tensor* t : {&h_masked, &h_unmasked, &weight, &bias, &y}) {
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "mim_fast::kgs_loss_with_heads: inputs must be floating point");
+    TORCH_CHECK(t->device() == h_masked.device(), "mim_fast::kgs_loss_with_heads: all inputs must be on one device");
+  }
+  TORCH_CHECK(weights.size() == 4, "mim_fast::kgs_loss_with_heads: weights must be 4 numbers");
+  TORCH_CHECK(kd_scale > 0 && std::isfinite(kd_scale) && eps > 0 && std::isfinite(eps),
+              "mim_fast::kgs_loss_with_heads: kd_scale and eps must be finite and > 0");
+  const ForwardOptions o = make_options(per_sample, kd_scale, kd_divide_T, weights, reduction, eps, grad_preds, grad_h);
+  const at::ScalarType pred_t = at::promote_types(at::promote_types(h_masked.scalar_type(), h_unmasked.scalar_type()),
+                                                  at::promote_types(weight.scalar_type(), bias.scalar_type()));
+  const at::ScalarType out_t = at::promote_types(pred_t, y.scalar_type());
+  const at::ScalarType acc = out_t == at::kDouble ? at::kDouble : at::kFloat;
+  const Heads heads{h_unmasked, weight.to(acc).contiguous(), bias.to(acc).contiguous(), pred_round_for(pred_t, acc)};
+  return forward_cpu_op(at::Tensor(), at::Tensor(), y.to(acc).contiguous(), h_masked, &heads, o, out_t, acc);
+}
+
+template <typename scalar_t, typename A>
+struct HeadsBackwardCpu {
+  int64_t M, B, D;
+  const A* saved;       // (4, M, B)
+  const scalar_t* gh;   // (M, B, D) contiguous saved ∂inter/∂h_masked, or null
+  const scalar_t* hm;   // h_masked, strides mM, mB, mD
+  const scalar_t* hu;   // h_unmasked, strides uM, uB, uD
+  int64_t mM, mB, mD, uM, uB, uD;
+  const A* w;           // (M, D) contiguous
+  bool intra_on, yk_on, yu_on, inter_on;
+  scalar_t* ghm;        // (M, B, D) contiguous or null
+  scalar_t* ghu;
+  A* gw_part;           // (nchunks, M, D) or null
+  A* gb_part;           // (nchunks, M) or null
+  A* gy;                // (B,) or null
+};
+
+template <typename scalar_t, typename A>
+void heads_backward_chunk(const HeadsBackwardCpu<scalar_t, A>& a, const Upstream<A>& up, int64_t chunk, int64_t i0,
+                          int64_t i1) {
+  const int64_t M = a.M, B = a.B, D = a.D;
+  A* pw = a.gw_part ? a.gw_part + chunk * M * D : nullptr;
+  A* pb = a.gb_part ? a.gb_part + chunk * M : nullptr;
+  if (pw) for (int64_t k = 0; k < M * D; ++k) pw[k] = A(0);
+  if (pb) for (int64_t m = 0; m < M; ++m) pb[m] = A(0);
+  for (int64_t i = i0; i < i1; ++i) {
+    const A c_intra = up.factor(kIntra, i), c_inter = up.factor(kInter, i);
+    const A c_masked = up.factor(kMasked, i), c_unmasked = up.factor(kUnmasked, i);
+    A sk = A(0), su = A(0);
+    for (int64_t m = 0; m < M; ++m) {
+      const A ik = a.intra_on ? a.saved[(kIntraYk * M + m) * B + i] : A(0);
+      const A iu = a.intra_on ? a.saved[(kIntraYu * M + m) * B + i] : A(0);
+      const A mk = a.saved[(kMaskedYk * M + m) * B + i], mu = a.saved[(kUnmaskedYu * M + m) * B + i];
+      sk += mk;
+      su += mu;
+      // ∂L/∂yk and ∂L/∂yu of this (m, i); a path no gradient reached contributes nothing at all (not
+      // 0·w), as in the reference's graph.
+      const A gk = c_intra * ik + c_masked * mk, gu = c_intra * iu + c_unmasked * mu;
+      const A* w = a.w + m * D;
+      const scalar_t* hm = a.hm + m * a.mM + i * a.mB;
+      const scalar_t* hu = a.hu + m * a.uM + i * a.uB;
+      if (a.ghm) {
+        scalar_t* o = a.ghm + (m * B + i) * D;
+        const scalar_t* g = a.gh ? a.gh + (m * B + i) * D : nullptr;
+        if (a.yk_on && a.inter_on) {
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(gk * w[d] + c_inter * static_cast<A>(g[d]));
+        } else if (a.yk_on) {
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(gk * w[d]);
+        } else if (a.inter_on) {
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(c_inter * static_cast<A>(g[d]));
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] = scalar_t(0);
+        }
+      }
+      if (a.ghu) {
+        scalar_t* o = a.ghu + (m * B + i) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(gu * w[d]);
+      }
+      if (pw) {
+        A* p = pw + m * D;
+        if (a.yk_on) for (int64_t d = 0; d < D; ++d) p[d] += gk * static_cast<A>(hm[d * a.mD]);
+        if (a.yu_on) for (int64_t d = 0; d < D; ++d) p[d] += gu * static_cast<A>(hu[d * a.uD]);
+      }
+      if (pb) pb[m] += (a.yk_on ? gk : A(0)) + (a.yu_on ? gu : A(0));
+    }
+    if (a.gy) a.gy[i] = -(c_masked * sk + c_unmasked * su);
+  }
+}
+
+using HeadsBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+HeadsBackwardResult kgs_loss_heads_backward(
+    const c10::optional<at::Tensor>& grad_loss, const c10::optional<at::Tensor>& grad_intra,
+    const c10::optional<at::Tensor>& grad_inter, const c10::optional<at::Tensor>& grad_masked,
+    const c10::optional<at::Tensor>& grad_unmasked, const at::Tensor& saved_preds, const at::Tensor& saved_h,
+    const at::Tensor& h_masked, const at::Tensor& h_unmasked, const at::Tensor& weight, at::ArrayRef<double> weights,
+    std::array<bool, 5> needs, at::ScalarType bias_dtype, at::ScalarType y_dtype) {
+  TORCH_CHECK(weights.size() == 4, "mim_fast::kgs_loss_heads_backward: weights must be 4 numbers");
+  const int64_t M = h_masked.size(0), B = h_masked.size(1), D = h_masked.size(2);
+  TORCH_CHECK(saved_preds.dim() == 3 && saved_preds.size(0) == 4 && saved_preds.size(1) == M && saved_preds.size(2) == B,
+              "mim_fast::kgs_loss_heads_backward: saved prediction gradients must be (4, M, B)");
+  TORCH_CHECK(!needs[0] || (saved_h.dim() == 3 && saved_h.size(0) == M && saved_h.size(1) == B && saved_h.size(2) == D),
+              "mim_fast::kgs_loss_heads_backward: ∂L/∂h_masked needs the saved (M, B, D) inter gradient");
+  const c10::optional<at::Tensor>* gs[5] = {&grad_loss, &grad_intra, &grad_inter, &grad_masked, &grad_unmasked};
+  const bool has[5] = {grad_loss.has_value(), grad_intra.has_value(), grad_inter.has_value(), grad_masked.has_value(),
+                       grad_unmasked.has_value()};
+  const at::ScalarType acc = saved_preds.scalar_type();
+  const auto h_opts = h_masked.options();
+  const auto acc_opts = h_masked.options().dtype(acc);
+  at::Tensor ghm = needs[0] ? at::empty({M, B, D}, h_opts) : at::empty({0}, h_opts);
+  at::Tensor ghu = needs[1] ? at::empty({M, B, D}, h_opts) : at::empty({0}, h_opts);
+  advise_huge_pages(ghm);
+  advise_huge_pages(ghu);
+  const int64_t chunk = std::max<int64_t>(16, (B + 255) / 256);  // fixed by B: deterministic partials
+  const int64_t nchunks = (B + chunk - 1) / chunk;
+  at::Tensor gw_part = needs[2] ? at::empty({nchunks, M, D}, acc_opts) : at::Tensor();
+  at::Tensor gb_part = needs[3] ? at::empty({nchunks, M}, acc_opts) : at::Tensor();
+  at::Tensor gy = needs[4] ? at::empty({B}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor gw, gb;
+  AT_DISPATCH_FLOATING_TYPES(acc, "kgs_loss_heads_backward_cpu", [&] {
+    using A = scalar_t;
+    std::vector<at::Tensor> g_acc(5);
+    Upstream<A> up{};
+    for (int k = 0; k < 5; ++k) {
+      if (has[k]) {
+        g_acc[k] = gs[k]->value().to(acc);
+        up.g[k] = g_acc[k].data_ptr<A>();
+        up.stride[k] = g_acc[k].dim() == 0 ? 0 : g_acc[k].stride(0);
+      }
+    }
+    for (int k = 0; k < 4; ++k) up.w[k] = static_cast<A>(weights[k]);
+    const at::Tensor sp = saved_preds.contiguous();
+    const at::Tensor sh = needs[0] && saved_h.numel() > 0 ? saved_h.contiguous() : at::Tensor();
+    const at::Tensor w_a = weight.to(acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_masked.scalar_type(), "kgs_loss_heads_backward_h", [&] {
+      HeadsBackwardCpu<scalar_t, A> a{};
+      a.M = M; a.B = B; a.D = D;
+      a.saved = sp.data_ptr<A>();
+      a.gh = sh.defined() ? sh.data_ptr<scalar_t>() : nullptr;
+      a.hm = h_masked.data_ptr<scalar_t>(); a.hu = h_unmasked.data_ptr<scalar_t>();
+      a.mM = h_masked.stride(0); a.mB = h_masked.stride(1); a.mD = h_masked.stride(2);
+      a.uM = h_unmasked.stride(0); a.uB = h_unmasked.stride(1); a.uD = h_unmasked.stride(2);
+      a.w = w_a.data_ptr<A>();
+      a.intra_on = has[kIntra] || has[kLoss];
+      a.yk_on = a.intra_on || has[kMasked];
+      a.yu_on = a.intra_on || has[kUnmasked];
+      a.inter_on = (has[kInter] || has[kLoss]) && a.gh != nullptr;
+      a.ghm = needs[0] ? ghm.data_ptr<scalar_t>() : nullptr;
+      a.ghu = needs[1] ? ghu.data_ptr<scalar_t>() : nullptr;
+      a.gw_part = needs[2] ? gw_part.data_ptr<A>() : nullptr;
+      a.gb_part = needs[3] ? gb_part.data_ptr<A>() : nullptr;
+      a.gy = needs[4] ? gy.data_ptr<A>() : nullptr;
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) heads_backward_chunk(a, up, c, c * chunk, std::min(B, (c + 1) * chunk));
+      });
+    });
+    // The chunk partials, summed in chunk order.
+    if (needs[2]) {
+      gw = at::empty({M, D}, acc_opts);
+      const A* p = gw_part.data_ptr<A>();
+      A* o = gw.data_ptr<A>();
+      at::parallel_for(0, M * D, 1024, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          A total = A(0);
+          for (int64_t c = 0; c < nchunks; ++c) total += p[c * M * D + k];
+          o[k] = total;
+        }
+      });
+    }
+    if (needs[3]) {
+      gb = at::empty({M}, acc_opts);
+      const A* p = gb_part.data_ptr<A>();
+      for (int64_t m = 0; m < M; ++m) {
+        A total = A(0);
+        for (int64_t c = 0; c < nchunks; ++c) total += p[c * M + m];
+        gb.data_ptr<A>()[m] = total;
+      }
+    }
+  });
+  if (!needs[2]) gw = at::empty({0}, weight.options());
+  if (!needs[3]) gb = at::empty({0}, acc_opts);
+  return {ghm, ghu, gw.to(weight.scalar_type()), gb.to(bias_dtype), gy.to(y_dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mim_fast, CPU, m) {
   m.impl("kgs_loss_forward", &kgs_loss_forward);
   m.impl("kgs_loss_backward", &kgs_loss_backward);
+  m.impl("kgs_loss_heads_forward", &kgs_loss_heads_forward);
+  m.impl("kgs_loss_heads_backward", &kgs_loss_heads_backward);
 }
 
 #if MIM_FAST_WITH_CUDA

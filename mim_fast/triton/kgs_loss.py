@@ -78,13 +78,61 @@ def _row_stats_chunked(h_ptr, row_off, rows, D, h_sD, inv_s, BLOCK_B: tl.constex
 
 
 @triton.jit
+def _round_prediction(v, PRED_ROUND: tl.constexpr):
+    # a head's output rounded once to the predictions' dtype, as a Linear in that dtype would
+    if PRED_ROUND == 1:
+        return v.to(tl.float16).to(tl.float32)
+    elif PRED_ROUND == 2:
+        # round to nearest even in the bits (the interpreter's float32 → bfloat16 cast truncates); inf has
+        # no low bits to carry, NaN is passed through
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    else:
+        return v
+
+
+@triton.jit
+def _head_dot(h_ptr, row_off, bmask, D, h_sD, w_ptr, w_off, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Σ_d h[row_off + d·h_sD]·w[w_off + d] for each of the BLOCK_B rows (float32)."""
+    acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        dmask = d < D
+        x = tl.load(h_ptr + row_off[:, None] + d[None, :] * h_sD, mask=bmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += x * tl.load(w_ptr + w_off + d, mask=dmask, other=0.0)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _heads_kernel(hm_ptr, hu_ptr, hm_sM, hm_sB, hm_sD, hu_sM, hu_sB, hu_sD, w_ptr, bias_ptr, pk_ptr, pu_ptr, M, B, D,
+                  PRED_ROUND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """kgs_loss_with_heads, per_sample=False: the (M, B) predictions of every sample, before the batch means."""
+    b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    bmask = b < B
+    for m in range(0, M):
+        mm = tl.cast(m, tl.int64)
+        bias = tl.load(bias_ptr + mm)
+        pk = _head_dot(hm_ptr, mm * hm_sM + b * hm_sB, bmask, D, hm_sD, w_ptr, mm * D, BLOCK_B, BLOCK_D) + bias
+        pu = _head_dot(hu_ptr, mm * hu_sM + b * hu_sB, bmask, D, hu_sD, w_ptr, mm * D, BLOCK_B, BLOCK_D) + bias
+        tl.store(pk_ptr + mm * B + b, _round_prediction(pk, PRED_ROUND), mask=bmask)
+        tl.store(pu_ptr + mm * B + b, _round_prediction(pu, PRED_ROUND), mask=bmask)
+
+
+@triton.jit
 def _kgs_forward_kernel(yk_ptr, yu_ptr, y_ptr, h_ptr, yk_sM, yk_sB, yu_sM, yu_sB, y_s, h_sM, h_sB, h_sD, means_ptr,
                         loss_ptr, intra_ptr, inter_ptr, masked_ptr, unmasked_ptr, teacher_ptr, alpha_ptr,
                         gpred_ptr, gh_ptr, partial_ptr, counter_ptr, M, B, D, kd_scale, eps, scale,
                         w_intra, w_inter, w_masked, w_unmasked,
+                        hu_ptr, hu_sM, hu_sB, hu_sD, head_w_ptr, head_b_ptr,
                         PER_SAMPLE: tl.constexpr, DIVIDE_T: tl.constexpr, REDUCTION: tl.constexpr,
                         GRAD_PREDS: tl.constexpr, GRAD_H: tl.constexpr, SINGLE_TILE: tl.constexpr,
+                        HEADS: tl.constexpr, PRED_ROUND: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program per BLOCK_B samples. With HEADS (kgs_loss_with_heads, per_sample=True) the first
+    modality loop computes the predictions from h (= h_masked) and hu with the heads and stores them in
+    the (M, B) buffers yk_ptr/yu_ptr (strides (B, 1)), which the later loops read back."""
     pid = tl.program_id(0)
     b = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     bmask = b < B
@@ -102,8 +150,17 @@ def _kgs_forward_kernel(yk_ptr, yu_ptr, y_ptr, h_ptr, yk_sM, yk_sB, yu_sM, yu_sB
     any_nan = b < 0  # all false
     for m in range(0, M):
         mm = tl.cast(m, tl.int64)
-        ykv = tl.load(yk_ptr + mm * yk_sM + b * yk_sB, mask=bmask, other=0.0).to(tl.float32)
-        yuv = tl.load(yu_ptr + mm * yu_sM + b * yu_sB, mask=bmask, other=0.0).to(tl.float32)
+        if HEADS:
+            bias = tl.load(head_b_ptr + mm)
+            ykv = _round_prediction(_head_dot(h_ptr, mm * h_sM + b * h_sB, bmask, D, h_sD, head_w_ptr, mm * D,
+                                              BLOCK_B, BLOCK_D) + bias, PRED_ROUND)
+            yuv = _round_prediction(_head_dot(hu_ptr, mm * hu_sM + b * hu_sB, bmask, D, hu_sD, head_w_ptr, mm * D,
+                                              BLOCK_B, BLOCK_D) + bias, PRED_ROUND)
+            tl.store(yk_ptr + mm * yk_sM + b * yk_sB, ykv, mask=bmask)
+            tl.store(yu_ptr + mm * yu_sM + b * yu_sB, yuv, mask=bmask)
+        else:
+            ykv = tl.load(yk_ptr + mm * yk_sM + b * yk_sB, mask=bmask, other=0.0).to(tl.float32)
+            yuv = tl.load(yu_ptr + mm * yu_sM + b * yu_sB, mask=bmask, other=0.0).to(tl.float32)
         ek = tl.abs(ykv - yv)
         eu = tl.abs(yuv - yv)
         masked += ek
@@ -132,6 +189,8 @@ def _kgs_forward_kernel(yk_ptr, yu_ptr, y_ptr, h_ptr, yk_sM, yk_sB, yu_sM, yu_sB
             tl.store(g + 3 * M * B, scale * _sign0(yuv - yv), mask=bmask)
     has_t = bmask & (~any_nan) & (count == 1)
     tl.store(teacher_ptr + b, tl.where(has_t, t_idx, -1), mask=bmask)
+    if HEADS:
+        tl.debug_barrier()  # the predictions stored above are read back below
 
     # --- Adjuster α (kgs_math.h adjuster_inv / adjuster_alpha) -----------------------------------------
     sum_inv = zero
@@ -337,10 +396,31 @@ def kgs_loss_forward(yk, yu, y, h, per_sample, kd_scale, kd_divide_T, weights, r
     """Same signature and results as torch.ops.mim_fast.kgs_loss_forward (float32 accumulation).
 
     ``block_d`` overrides the feature tile (tests use it to exercise the chunked path)."""
+    out_dtype = torch.promote_types(torch.promote_types(yk.dtype, yu.dtype), torch.promote_types(y.dtype, h.dtype))
+    return _forward(yk, yu, y, h, None, out_dtype, per_sample, kd_scale, kd_divide_T, weights, reduction, eps,
+                    grad_preds, grad_h, block_d)
+
+
+def kgs_loss_heads_forward(h_masked, h_unmasked, weight, bias, y, per_sample, kd_scale, kd_divide_T, weights, reduction,
+                           eps, grad_preds, grad_h, block_d=None):
+    """Same signature and results as torch.ops.mim_fast.kgs_loss_heads_forward: the predictions come from
+    the heads inside the fused pass (per_sample=False: from a first heads pass, for the batch means)."""
+    pred_dtype = torch.promote_types(torch.promote_types(h_masked.dtype, h_unmasked.dtype),
+                                     torch.promote_types(weight.dtype, bias.dtype))
+    out_dtype = torch.promote_types(pred_dtype, y.dtype)
+    pred_round = {torch.float16: 1, torch.bfloat16: 2}.get(pred_dtype, 0)
+    heads = (h_unmasked, weight.to(torch.float32).contiguous(), bias.to(torch.float32).contiguous(), pred_round)
+    M, B, _ = h_masked.shape
+    preds = torch.empty((2, M, B), dtype=torch.float32, device=h_masked.device)  # yk, yu
+    return _forward(preds[0], preds[1], y, h_masked, heads, out_dtype, per_sample, kd_scale, kd_divide_T, weights,
+                    reduction, eps, grad_preds, grad_h, block_d)
+
+
+def _forward(yk, yu, y, h, heads, out_dtype, per_sample, kd_scale, kd_divide_T, weights, reduction, eps, grad_preds,
+             grad_h, block_d):
     M, B = yk.shape
     D = h.shape[2]
     dev = h.device
-    out_dtype = torch.promote_types(torch.promote_types(yk.dtype, yu.dtype), torch.promote_types(y.dtype, h.dtype))
     red = _REDUCTIONS[reduction]
     term_shape = (B,) if red == 2 else ()
     terms = [torch.empty(term_shape, dtype=out_dtype, device=dev) for _ in range(5)]
@@ -361,7 +441,12 @@ def kgs_loss_forward(yk, yu, y, h, per_sample, kd_scale, kd_divide_T, weights, r
         partials, counter = dummy, dummy
     scale = 1.0 / B if red == 0 else 1.0
     w = [float(v) for v in weights]
+    hu, head_w, head_b, pred_round = heads if heads is not None else (dummy.view(1, 1, 1), dummy, dummy, 0)
     with _quiet():
+        if heads is not None and not per_sample:  # the batch means need every prediction first
+            _heads_kernel[(nprog,)](h, hu, h.stride(0), h.stride(1), h.stride(2), hu.stride(0), hu.stride(1),
+                                    hu.stride(2), head_w, head_b, yk, yu, M, B, D, PRED_ROUND=pred_round,
+                                    BLOCK_B=block_b, BLOCK_D=block_d)
         if not per_sample:
             _batch_means_kernel[(1,)](yk, yu, y, yk.stride(0), yk.stride(1), yu.stride(0), yu.stride(1), y.stride(0),
                                       means, counter, M, B, RESET_COUNTER=red != 2,
@@ -371,8 +456,10 @@ def kgs_loss_forward(yk, yu, y, h, per_sample, kd_scale, kd_divide_T, weights, r
             h.stride(0), h.stride(1), h.stride(2), means, *terms, teacher, alpha,
             saved_preds if grad_preds else dummy, saved_h if grad_h else dummy, partials, counter,
             M, B, D, float(kd_scale), float(eps), scale, *w,
+            hu, hu.stride(0), hu.stride(1), hu.stride(2), head_w, head_b,
             PER_SAMPLE=bool(per_sample), DIVIDE_T=bool(kd_divide_T), REDUCTION=red, GRAD_PREDS=bool(grad_preds),
-            GRAD_H=bool(grad_h), SINGLE_TILE=single, BLOCK_B=block_b, BLOCK_D=block_d,
+            GRAD_H=bool(grad_h), SINGLE_TILE=single, HEADS=heads is not None and bool(per_sample),
+            PRED_ROUND=pred_round, BLOCK_B=block_b, BLOCK_D=block_d,
             BLOCK_P=min(1024, triton.next_power_of_2(nprog)))
     return (*terms, teacher, alpha, saved_preds, saved_h)
 
@@ -407,3 +494,119 @@ def kgs_loss_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmas
             HAS_GM=grad_masked is not None, HAS_GU=grad_unmasked is not None, HAS_PREDS=has_preds, HAS_H=has_h,
             BLOCK_B=block_b, BLOCK_D=block_d)
     return gyk, gyu, gy, gh
+
+
+@triton.jit
+def _kgs_heads_backward_kernel(gl_ptr, gi_ptr, gx_ptr, gm_ptr, gu_ptr, gl_s, gi_s, gx_s, gm_s, gu_s,
+                               w_intra, w_inter, w_masked, w_unmasked, saved_ptr, gh_ptr,
+                               hm_ptr, hm_sM, hm_sB, hm_sD, hu_ptr, hu_sM, hu_sB, hu_sD, head_w_ptr,
+                               ghm_ptr, ghu_ptr, gw_ptr, gb_ptr, gy_ptr, M, B, D, n_dblk,
+                               HAS_GL: tl.constexpr, HAS_GI: tl.constexpr, HAS_GX: tl.constexpr,
+                               HAS_GM: tl.constexpr, HAS_GU: tl.constexpr, NEED_HM: tl.constexpr,
+                               NEED_HU: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                               NEED_Y: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (modality m, feature block), looping over every sample: it owns its slice of
+    ∂L/∂weight (and program (m, 0) ∂L/∂bias[m], program (0, 0) ∂L/∂y), so the reductions over B need no
+    atomics and have one fixed order."""
+    pid = tl.program_id(0)
+    m = (pid // n_dblk).to(tl.int64)
+    dblk = pid % n_dblk
+    d = (dblk * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    dmask = d < D
+    w_row = tl.load(head_w_ptr + m * D + d, mask=dmask, other=0.0)
+    YK_ON: tl.constexpr = HAS_GL or HAS_GI or HAS_GM  # paths a gradient reached (none: no contribution)
+    YU_ON: tl.constexpr = HAS_GL or HAS_GI or HAS_GU
+    INTER_ON: tl.constexpr = HAS_GL or HAS_GX
+    acc_w = tl.zeros((BLOCK_D,), tl.float32)
+    acc_b = tl.zeros((BLOCK_B,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        bmask = b < B
+        mask2 = bmask[:, None] & dmask[None, :]
+        g_loss = _upstream(gl_ptr, gl_s, b, bmask, HAS_GL)
+        c_intra = _upstream(gi_ptr, gi_s, b, bmask, HAS_GI) + w_intra * g_loss
+        c_inter = _upstream(gx_ptr, gx_s, b, bmask, HAS_GX) + w_inter * g_loss
+        c_masked = _upstream(gm_ptr, gm_s, b, bmask, HAS_GM) + w_masked * g_loss
+        c_unmasked = _upstream(gu_ptr, gu_s, b, bmask, HAS_GU) + w_unmasked * g_loss
+        off = m * B + b
+        mk = tl.load(saved_ptr + 2 * M * B + off, mask=bmask, other=0.0)
+        mu = tl.load(saved_ptr + 3 * M * B + off, mask=bmask, other=0.0)
+        if HAS_GI or HAS_GL:  # the intra term was reached (its saved gradients may hold 0·NaN)
+            gk = c_intra * tl.load(saved_ptr + off, mask=bmask, other=0.0) + c_masked * mk
+            gu = c_intra * tl.load(saved_ptr + M * B + off, mask=bmask, other=0.0) + c_unmasked * mu
+        else:
+            gk = c_masked * mk
+            gu = c_unmasked * mu
+        rows = off[:, None] * D + d[None, :]
+        if NEED_HM:
+            g = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+            if YK_ON:
+                g += gk[:, None] * w_row[None, :]
+            if INTER_ON:
+                g += c_inter[:, None] * tl.load(gh_ptr + rows, mask=mask2, other=0.0).to(tl.float32)
+            tl.store(ghm_ptr + rows, g.to(ghm_ptr.dtype.element_ty), mask=mask2)
+        if NEED_HU:
+            tl.store(ghu_ptr + rows, (gu[:, None] * w_row[None, :]).to(ghu_ptr.dtype.element_ty), mask=mask2)
+        if NEED_W:
+            if YK_ON:
+                x = tl.load(hm_ptr + (m * hm_sM + b * hm_sB)[:, None] + d[None, :] * hm_sD, mask=mask2,
+                            other=0.0).to(tl.float32)
+                acc_w += tl.sum(gk[:, None] * x, axis=0)
+            if YU_ON:
+                x = tl.load(hu_ptr + (m * hu_sM + b * hu_sB)[:, None] + d[None, :] * hu_sD, mask=mask2,
+                            other=0.0).to(tl.float32)
+                acc_w += tl.sum(gu[:, None] * x, axis=0)
+        if NEED_B:
+            if dblk == 0:
+                acc_b += tl.where(bmask, (gk if YK_ON else 0.0) + (gu if YU_ON else 0.0), 0.0)
+        if NEED_Y:
+            if pid == 0:
+                sk = tl.zeros((BLOCK_B,), tl.float32)
+                su = tl.zeros((BLOCK_B,), tl.float32)
+                for mm in range(0, M):
+                    o2 = tl.cast(mm, tl.int64) * B + b
+                    sk += tl.load(saved_ptr + 2 * M * B + o2, mask=bmask, other=0.0)
+                    su += tl.load(saved_ptr + 3 * M * B + o2, mask=bmask, other=0.0)
+                tl.store(gy_ptr + b, (-(c_masked * sk + c_unmasked * su)).to(gy_ptr.dtype.element_ty), mask=bmask)
+    if NEED_W:
+        tl.store(gw_ptr + m * D + d, acc_w, mask=dmask)
+    if NEED_B:
+        if dblk == 0:
+            tl.store(gb_ptr + m, tl.sum(acc_b, axis=0))
+
+
+def kgs_loss_heads_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked, saved_preds, saved_h,
+                            h_masked, h_unmasked, weight, weights, needs, bias_dtype, y_dtype):
+    """Same signature and results as torch.ops.mim_fast.kgs_loss_heads_backward. One launch of M ×
+    ceil(D / BLOCK_D) programs, each looping over the B samples (so on GPUs its parallelism is M·D/BLOCK_D
+    programs: enough for MIM's batch sizes, not a bandwidth-optimal schedule for huge B)."""
+    M, B, D = h_masked.shape
+    dev = h_masked.device
+    ghm = torch.empty((M, B, D) if needs[0] else (0,), dtype=h_masked.dtype, device=dev)
+    ghu = torch.empty((M, B, D) if needs[1] else (0,), dtype=h_masked.dtype, device=dev)
+    gw = torch.empty((M, D) if needs[2] else (0,), dtype=torch.float32, device=dev)
+    gb = torch.empty((M,) if needs[3] else (0,), dtype=torch.float32, device=dev)
+    gy = torch.empty((B,) if needs[4] else (0,), dtype=y_dtype, device=dev)
+    if any(needs):
+        dummy = torch.empty((1,), dtype=torch.float32, device=dev)
+        gs = [grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked]
+        ptrs = [g if g is not None else dummy for g in gs]
+        strides = [0 if (g is None or g.dim() == 0) else g.stride(0) for g in gs]
+        on_gpu = dev.type == "cuda"
+        block_d = min(triton.next_power_of_2(D), 128 if on_gpu else 8192)
+        block_b = max(1, min(triton.next_power_of_2(B), (4096 if on_gpu else 65536) // block_d))
+        n_dblk = triton.cdiv(D, block_d)
+        w32 = weight.to(torch.float32).contiguous()
+        with _quiet():
+            _kgs_heads_backward_kernel[(M * n_dblk,)](
+                *ptrs, *strides, *(float(v) for v in weights), saved_preds,
+                saved_h if saved_h.numel() > 0 else dummy,
+                h_masked, h_masked.stride(0), h_masked.stride(1), h_masked.stride(2),
+                h_unmasked, h_unmasked.stride(0), h_unmasked.stride(1), h_unmasked.stride(2), w32,
+                ghm if needs[0] else dummy, ghu if needs[1] else dummy, gw if needs[2] else dummy,
+                gb if needs[3] else dummy, gy if needs[4] else dummy, M, B, D, n_dblk,
+                HAS_GL=grad_loss is not None, HAS_GI=grad_intra is not None, HAS_GX=grad_inter is not None,
+                HAS_GM=grad_masked is not None, HAS_GU=grad_unmasked is not None, NEED_HM=bool(needs[0]),
+                NEED_HU=bool(needs[1]), NEED_W=bool(needs[2]), NEED_B=bool(needs[3]), NEED_Y=bool(needs[4]),
+                BLOCK_B=block_b, BLOCK_D=block_d)
+    return ghm, ghu, gw.to(weight.dtype), gb.to(bias_dtype), gy
