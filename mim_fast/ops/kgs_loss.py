@@ -7,7 +7,7 @@ from .. import _ext, reference
 from .._types import KGSLossOutput
 from . import _backends, _checks
 
-__all__ = ["kgs_loss"]
+__all__ = ["kgs_loss", "kgs_loss_with_heads"]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -55,10 +55,15 @@ def kgs_loss(
     terms and — when an input requires grad — every per-term gradient (the backward only scales them by
     the incoming gradients, one more pass). Bytes: h read once (M·B·D), ∂inter/∂h written once, plus
     O(M·B); the backward reads the saved ∂inter/∂h and writes ∂L/∂h. Launches: forward 1 (+1 small
-    batch-mean pass with per_sample=False), backward 1. Results are deterministic; they differ from the
-    "torch" backend only by float32 summation order (routing decisions are identical). The saved
-    ∂inter/∂h has h's dtype (for float16/bfloat16 h: one extra rounding of ∂L/∂h, ≤ 1 ulp). Double
-    backward (create_graph=True) is not supported by the fused backends.
+    batch-mean pass with per_sample=False; on GPUs a 4-byte zeroing of the completion counter when
+    per_sample=True reduces to a scalar), backward 1. Only the gradients that the back-propagated
+    outputs reach are computed (back-propagating ``masked`` alone writes no ∂L/∂h); inputs they do not
+    reach get None, as from the reference's graph. Results are deterministic (fixed work partition and
+    summation order) and differ from the "torch" backend by float32 rounding and summation order only:
+    per-sample routing compares the same rounded errors, so it is identical; batch means are summed in
+    float64 (the reference sums in float32), so only a near-tie of two batch means could route
+    differently. The saved ∂inter/∂h has h's dtype (float16/bfloat16 h: one extra rounding of ∂L/∂h,
+    ≤ 1 ulp). Double backward (create_graph=True) is not supported by the fused backends.
     """
     _checks.float_tensor("yk", yk, ndim=2, layout="(M, B)")
     M, B = yk.shape

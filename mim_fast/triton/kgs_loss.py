@@ -330,7 +330,7 @@ def _kgs_backward_kernel(gl_ptr, gi_ptr, gx_ptr, gm_ptr, gu_ptr, gl_s, gi_s, gx_
                          gyk_ptr, gyu_ptr, gy_ptr, gh_ptr, M, B, D,
                          HAS_GL: tl.constexpr, HAS_GI: tl.constexpr, HAS_GX: tl.constexpr, HAS_GM: tl.constexpr,
                          HAS_GU: tl.constexpr, HAS_PREDS: tl.constexpr, HAS_H: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                         INTRA_ON: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     b = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     bmask = b < B
@@ -345,7 +345,7 @@ def _kgs_backward_kernel(gl_ptr, gi_ptr, gx_ptr, gm_ptr, gu_ptr, gl_s, gi_s, gx_
         su = tl.zeros((BLOCK_B,), tl.float32)
         for m in range(0, M):
             off = tl.cast(m, tl.int64) * B + b
-            if HAS_GI or HAS_GL:  # the intra term was reached (its saved gradients may hold 0·NaN)
+            if INTRA_ON:  # the intra term was reached (its saved gradients may hold 0·NaN)
                 ik = tl.load(saved_ptr + off, mask=bmask, other=0.0)
                 iu = tl.load(saved_ptr + M * B + off, mask=bmask, other=0.0)
             else:
@@ -492,7 +492,7 @@ def kgs_loss_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmas
             gy if has_preds else dummy, gh if has_h else dummy, M, B, D,
             HAS_GL=grad_loss is not None, HAS_GI=grad_intra is not None, HAS_GX=grad_inter is not None,
             HAS_GM=grad_masked is not None, HAS_GU=grad_unmasked is not None, HAS_PREDS=has_preds, HAS_H=has_h,
-            BLOCK_B=block_b, BLOCK_D=block_d)
+            INTRA_ON=grad_intra is not None or grad_loss is not None, BLOCK_B=block_b, BLOCK_D=block_d)
     return gyk, gyu, gy, gh
 
 
@@ -504,7 +504,9 @@ def _kgs_heads_backward_kernel(gl_ptr, gi_ptr, gx_ptr, gm_ptr, gu_ptr, gl_s, gi_
                                HAS_GL: tl.constexpr, HAS_GI: tl.constexpr, HAS_GX: tl.constexpr,
                                HAS_GM: tl.constexpr, HAS_GU: tl.constexpr, NEED_HM: tl.constexpr,
                                NEED_HU: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                               NEED_Y: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                               NEED_Y: tl.constexpr, INTRA_ON: tl.constexpr, YK_ON: tl.constexpr,
+                               YU_ON: tl.constexpr, INTER_ON: tl.constexpr, BLOCK_B: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
     """One program per (modality m, feature block), looping over every sample: it owns its slice of
     ∂L/∂weight (and program (m, 0) ∂L/∂bias[m], program (0, 0) ∂L/∂y), so the reductions over B need no
     atomics and have one fixed order."""
@@ -514,9 +516,7 @@ def _kgs_heads_backward_kernel(gl_ptr, gi_ptr, gx_ptr, gm_ptr, gu_ptr, gl_s, gi_
     d = (dblk * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     dmask = d < D
     w_row = tl.load(head_w_ptr + m * D + d, mask=dmask, other=0.0)
-    YK_ON: tl.constexpr = HAS_GL or HAS_GI or HAS_GM  # paths a gradient reached (none: no contribution)
-    YU_ON: tl.constexpr = HAS_GL or HAS_GI or HAS_GU
-    INTER_ON: tl.constexpr = HAS_GL or HAS_GX
+    # *_ON: the paths a gradient reached (one no gradient reached contributes nothing, not 0·x)
     acc_w = tl.zeros((BLOCK_D,), tl.float32)
     acc_b = tl.zeros((BLOCK_B,), tl.float32)
     for b0 in range(0, B, BLOCK_B):
@@ -531,7 +531,7 @@ def _kgs_heads_backward_kernel(gl_ptr, gi_ptr, gx_ptr, gm_ptr, gu_ptr, gl_s, gi_
         off = m * B + b
         mk = tl.load(saved_ptr + 2 * M * B + off, mask=bmask, other=0.0)
         mu = tl.load(saved_ptr + 3 * M * B + off, mask=bmask, other=0.0)
-        if HAS_GI or HAS_GL:  # the intra term was reached (its saved gradients may hold 0·NaN)
+        if INTRA_ON:  # the intra term was reached (its saved gradients may hold 0·NaN)
             gk = c_intra * tl.load(saved_ptr + off, mask=bmask, other=0.0) + c_masked * mk
             gu = c_intra * tl.load(saved_ptr + M * B + off, mask=bmask, other=0.0) + c_unmasked * mu
         else:
@@ -558,7 +558,10 @@ def _kgs_heads_backward_kernel(gl_ptr, gi_ptr, gx_ptr, gm_ptr, gu_ptr, gl_s, gi_
                 acc_w += tl.sum(gu[:, None] * x, axis=0)
         if NEED_B:
             if dblk == 0:
-                acc_b += tl.where(bmask, (gk if YK_ON else 0.0) + (gu if YU_ON else 0.0), 0.0)
+                if YK_ON:
+                    acc_b += tl.where(bmask, gk, 0.0)
+                if YU_ON:
+                    acc_b += tl.where(bmask, gu, 0.0)
         if NEED_Y:
             if pid == 0:
                 sk = tl.zeros((BLOCK_B,), tl.float32)
@@ -590,6 +593,7 @@ def kgs_loss_heads_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad
     if any(needs):
         dummy = torch.empty((1,), dtype=torch.float32, device=dev)
         gs = [grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked]
+        has = [g is not None for g in gs]
         ptrs = [g if g is not None else dummy for g in gs]
         strides = [0 if (g is None or g.dim() == 0) else g.stride(0) for g in gs]
         on_gpu = dev.type == "cuda"
@@ -608,5 +612,6 @@ def kgs_loss_heads_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad
                 HAS_GL=grad_loss is not None, HAS_GI=grad_intra is not None, HAS_GX=grad_inter is not None,
                 HAS_GM=grad_masked is not None, HAS_GU=grad_unmasked is not None, NEED_HM=bool(needs[0]),
                 NEED_HU=bool(needs[1]), NEED_W=bool(needs[2]), NEED_B=bool(needs[3]), NEED_Y=bool(needs[4]),
-                BLOCK_B=block_b, BLOCK_D=block_d)
+                INTRA_ON=has[0] or has[1], YK_ON=has[0] or has[1] or has[3], YU_ON=has[0] or has[1] or has[4],
+                INTER_ON=has[0] or has[2], BLOCK_B=block_b, BLOCK_D=block_d)
     return ghm, ghu, gw.to(weight.dtype), gb.to(bias_dtype), gy
