@@ -62,7 +62,7 @@ def _skip_reason(provider, B, D, disabled):
             return reason
     if provider == "triton" and device == "cpu" and B * D > 256 * 80:
         return "the Triton interpreter (~1 ms per program) only runs toy sizes"
-    if device == "cpu" and B * D > 4096 * 768 and not BIG:
+    if device == "cpu" and B * D > 65536 * 80 and not BIG:
         return "600 MB per (M, B, D) tensor on a CPU: set MIM_FAST_BENCH_BIG=1"
     if disabled and B * D > 256 * 768:
         return "smoke mode (--benchmark-disable) runs the small shapes only"

@@ -1,4 +1,6 @@
-// mim_fast::kgs_loss_forward / kgs_loss_backward: the fused KGS loss (SPEC §2).
+// mim_fast::kgs_loss_forward / kgs_loss_backward: the fused KGS loss (SPEC §2), and
+// mim_fast::kgs_loss_heads_forward / kgs_loss_heads_backward: the same with MIM's per-modality heads
+// computing the predictions inside the pass (CPU only here; the Triton backend has its own kernels).
 //
 // The op entry points serve CPU and CUDA tensors: they check arguments, allocate the outputs and run
 // the C++ kernel in this file or launch kernels/kgs_loss.cu. Autograd, the fake (meta) functions and
@@ -11,6 +13,8 @@
 // from memory once (a sample's M rows stay in L1 across the per-row passes), ∂inter/∂h written once.
 // With per_sample=False a first pass over the (M, B) errors computes the M batch means.
 // Backward, one pass: scales the saved per-term gradients by the incoming gradients (B·M + M·B·D).
+// Threads: at::parallel_for over samples (OpenMP: the build links -fopenmp); every reduction has a
+// partition fixed by the sizes, not the thread count, so results are bit-identical run to run.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
