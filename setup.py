@@ -84,6 +84,15 @@ def _extensions():
     # -fno-trapping-math lets the compiler evaluate both sides of a branchless select (so the feature
     # loops vectorize) without changing any computed value.
     extra = {"cxx": ["-O3", "-ffp-contract=off", "-fno-trapping-math"]}
+    link_args = []
+    # at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel` compiled into
+    # *our* objects: without -fopenmp it silently runs on one thread. The wheels' torch is built with
+    # OpenMP and ships libgomp.so.1; linking -fopenmp records the same soname, which the loader resolves to
+    # the copy torch already loaded (mim_fast._ext imports torch first): one runtime, one thread pool,
+    # sized by torch.set_num_threads.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        extra["cxx"].append("-fopenmp")
+        link_args.append("-fopenmp")
     if os.environ.get("MIM_FAST_NATIVE") == "1":  # opt-in: fast here, not portable to other CPUs
         extra["cxx"].append("-march=native")
     include_dirs = [os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")]
@@ -98,6 +107,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra,
+            extra_link_args=link_args,
         )
     ]
 

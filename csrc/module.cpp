@@ -25,6 +25,34 @@ TORCH_LIBRARY(mim_fast, m) {
       "Tensor dq, Tensor inv_count, Tensor? lengths, str activation) -> (Tensor, Tensor)");
   // Test access to the shared float32 math (exp, log, sigmoid, tanh) of kernels/mim_math.h.
   m.def("_math32(Tensor x, str fn) -> Tensor");
+  // The fused KGS loss (SPEC §2); yk, yu (M, B), y (B,), h (M, B, D), any strides. weights = (w_intra,
+  // w_inter, w_masked, w_unmasked); reduction "mean" | "sum" | "none". grad_preds / grad_h: compute
+  // and return the per-term gradients for the predictions / for h in the same pass (else (0,) tensors).
+  // Returns (loss, intra, inter, masked, unmasked, teacher, alpha, saved_preds (4, M, B), saved_h (M, B, D)).
+  m.def(
+      "kgs_loss_forward(Tensor yk, Tensor yu, Tensor y, Tensor h, bool per_sample, float kd_scale, "
+      "bool kd_divide_T, float[] weights, str reduction, float eps, bool grad_preds, bool grad_h) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Scales the saved per-term gradients by the incoming gradients of (loss, intra, inter, masked,
+  // unmasked), each a scalar, (B,) or None. Returns (grad_yk, grad_yu, grad_y, grad_h).
+  m.def(
+      "kgs_loss_backward(Tensor? grad_loss, Tensor? grad_intra, Tensor? grad_inter, Tensor? grad_masked, "
+      "Tensor? grad_unmasked, Tensor saved_preds, Tensor saved_h, float[] weights, ScalarType yk_dtype, "
+      "ScalarType yu_dtype, ScalarType y_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  // kgs_loss_with_heads: the predictions come from per-modality heads inside the fused pass,
+  // yk[m, i] = h_masked[m, i]·weight[m] + bias[m], yu likewise from h_unmasked; weight (M, D), bias (M,).
+  // Same outputs as kgs_loss_forward (saved_h is ∂inter/∂h_masked).
+  m.def(
+      "kgs_loss_heads_forward(Tensor h_masked, Tensor h_unmasked, Tensor weight, Tensor bias, Tensor y, "
+      "bool per_sample, float kd_scale, bool kd_divide_T, float[] weights, str reduction, float eps, "
+      "bool grad_preds, bool grad_h) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // needs: which of (grad_h_masked, grad_h_unmasked, grad_weight, grad_bias, grad_y) to compute (others
+  // are returned as (0,) tensors). Returns them in that order.
+  m.def(
+      "kgs_loss_heads_backward(Tensor? grad_loss, Tensor? grad_intra, Tensor? grad_inter, Tensor? grad_masked, "
+      "Tensor? grad_unmasked, Tensor saved_preds, Tensor saved_h, Tensor h_masked, Tensor h_unmasked, "
+      "Tensor weight, float[] weights, bool[5] needs, ScalarType bias_dtype, ScalarType y_dtype) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

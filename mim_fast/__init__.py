@@ -2,6 +2,7 @@
 
     purify_gate(x, logits, ...)  -> (pooled, penalty, gate)       the UPN's hard-concrete gate + pooling
     kgs_loss(yk, yu, y, h, ...)  -> (loss, intra, inter, masked, unmasked, teacher, alpha)
+    kgs_loss_with_heads(h_masked, h_unmasked, weight, bias, y, ...)   the same, predictions from the heads
     philox_uniform(seed, offset, shape, device)                  the counter-based gate noise
 
 The math is shared/SPEC.md; ``mim_fast.reference`` is its eager implementation (the "torch" backend).
@@ -10,7 +11,7 @@ from . import _ext, reference
 from ._ext import build_info
 from ._types import KGSLossOutput, PurifyGateOutput
 from .ops import (BACKENDS, BackendUnavailableError, available_backends, backend_status, gate_noise, kgs_loss,
-                  philox_uniform, purify_gate)
+                  kgs_loss_with_heads, philox_uniform, purify_gate)
 
 from . import nn  # noqa: E402  (after the ops it builds on)
 
@@ -26,6 +27,7 @@ __all__ = [
     "build_info",
     "gate_noise",
     "kgs_loss",
+    "kgs_loss_with_heads",
     "nn",
     "philox_uniform",
     "purify_gate",

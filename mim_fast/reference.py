@@ -35,6 +35,8 @@ __all__ = [
     "kgs_routing",
     "kgs_terms",
     "kgs_loss",
+    "kgs_heads",
+    "kgs_loss_with_heads",
 ]
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,3 +428,28 @@ def kgs_loss(
         reduce = lambda v: v  # noqa: E731
     loss, intra, inter, masked, unmasked = (reduce(v).to(out_dtype) for v in (loss,) + tuple(terms))
     return KGSLossOutput(loss, intra, inter, masked, unmasked, routing.teacher, routing.alpha.to(out_dtype))
+
+
+def kgs_heads(h_masked: torch.Tensor, h_unmasked: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MIM's per-modality heads C_m = Linear(D, 1), shared by both branches: yk[m, i] =
+    h_masked[m, i]·weight[m] + bias[m] and yu[m, i] = h_unmasked[m, i]·weight[m] + bias[m], (M, B) each.
+
+    Computed in float32 (float64 if any input is float64) and rounded once to the promoted dtype of the
+    four inputs, as a Linear in that dtype would.
+    """
+    pred_dtype = torch.promote_types(torch.promote_types(h_masked.dtype, h_unmasked.dtype),
+                                     torch.promote_types(weight.dtype, bias.dtype))
+    acc = torch.float64 if pred_dtype == torch.float64 else torch.float32
+    w, b = weight.to(acc), bias.to(acc).unsqueeze(1)
+    yk = torch.einsum("mbd,md->mb", h_masked.to(acc), w) + b
+    yu = torch.einsum("mbd,md->mb", h_unmasked.to(acc), w) + b
+    return yk.to(pred_dtype), yu.to(pred_dtype)
+
+
+def kgs_loss_with_heads(h_masked: torch.Tensor, h_unmasked: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        y: torch.Tensor, **options) -> KGSLossOutput:
+    """The composition the fused op implements: :func:`kgs_heads`, then :func:`kgs_loss` with
+    h = h_masked (the purified representations are both the heads' input and the distillation's)."""
+    yk, yu = kgs_heads(h_masked, h_unmasked, weight, bias)
+    return kgs_loss(yk, yu, y, h_masked, **options)

@@ -1,6 +1,7 @@
 """``mim_fast.nn``: nn.Module wrappers around the fused ops, and MIM's building blocks."""
 from .encoders import BertEncoder, EncoderOutput, SequenceEncoder, WordEncoder
 from .fusion import FUSIONS, Fusion
+from .kgs import KGSLoss
 from .mim import MIM, MIMOutput, ModalitySpec
 from .purification import MaskLearner, MaskLearnerOutput, PurificationGate
 
@@ -9,6 +10,7 @@ __all__ = [
     "EncoderOutput",
     "FUSIONS",
     "Fusion",
+    "KGSLoss",
     "MIM",
     "MIMOutput",
     "MaskLearner",
