@@ -108,8 +108,9 @@ def test_purify_gate(benchmark, pass_, provider, shape, dtype):
         _sync()
 
     step()  # warm-up (and torch.compile's compilation)
+    benchmark.group = "purify_gate %s T=%d B=%d D=%d %s" % (pass_, T, B, D, str(dtype).replace("torch.", ""))
     benchmark.extra_info.update(T=T, B=B, D=D, dtype=str(dtype), provider=provider, device=DEVICE,
                                 bytes=minimal_bytes(T, B, D, dtype, backward))
-    benchmark.pedantic(step, rounds=5 if T * B * D > 5_000_000 else 20, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=5 if T * B * D > 20_000_000 else 15, warmup_rounds=1)
     if benchmark.stats is not None:
         benchmark.extra_info["GB/s"] = benchmark.extra_info["bytes"] / benchmark.stats.stats.median / 1e9

@@ -1,6 +1,7 @@
-"""Markdown summary of a pytest-benchmark JSON from benchmarks/bench_*.py: one row per case with each
-provider's median, the fused providers' speed-up over eager and torch.compile (measured side by side
-in that run), GB/s over the minimal bytes, and % of the copy bandwidth when --copy-json is given.
+"""Markdown summary of a pytest-benchmark JSON from benchmarks/bench_*.py: one row per (case, provider)
+with the median, the speed-up over eager and over torch.compile measured side by side in that run, GB/s
+over the case's minimal bytes (extra_info "bytes"), kernel launches where recorded, and % of the copy
+bandwidth when --copy-json (benchmarks/copy_bandwidth.py) is given. Cases are the benchmarks' groups.
 
     python benchmarks/summarize.py results.json [--copy-json copy_bandwidth.json]
 """
@@ -18,29 +19,28 @@ def main():
     copy = json.load(open(args.copy_json))["copy_GBps"] if args.copy_json else None
     cases = OrderedDict()
     for b in data["benchmarks"]:
-        p = b["params"]
         info = b["extra_info"]
-        key = (b["name"].split("[")[0], p.get("pass_", ""),
-               " ".join("%s=%s" % (k, info[k]) for k in ("M", "T", "B", "D") if k in info), info.get("dtype", ""))
-        cases.setdefault(key, {})[info["provider"]] = (b["stats"]["median"], info["bytes"])
+        cases.setdefault(b["group"] or b["name"].split("[")[0], OrderedDict())[info["provider"]] = (
+            b["stats"]["median"], info.get("bytes"), info.get("launches"))
     m = data.get("machine_info", {})
-    print("machine: %s, %s; python %s; commit %s" % (m.get("node", "?"), m.get("cpu", {}).get("brand_raw", "?"),
-                                                     m.get("python_version", "?"),
-                                                     data.get("commit_info", {}).get("id", "?")[:10]))
+    print("machine: %s, %s; python %s; commit %s; %s" % (
+        m.get("node", "?"), m.get("cpu", {}).get("brand_raw", "?"), m.get("python_version", "?"),
+        data.get("commit_info", {}).get("id", "?")[:10], data.get("datetime", "?")))
     print()
-    print("| case | pass | shape | dtype | provider | median ms | vs eager | vs compile | GB/s |%s" %
-          (" % copy BW |" if copy else ""))
-    print("|---|---|---|---|---|---:|---:|---:|---:|%s" % ("---:|" if copy else ""))
-    for (name, pass_, shape, dtype), provs in cases.items():
+    head = "| case | provider | median ms | vs eager | vs compile | GB/s | launches |"
+    print(head + (" % copy BW |" if copy else ""))
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if copy else ""))
+    for case, provs in cases.items():
         eager = provs.get("eager", (None,))[0]
         comp = provs.get("compile", (None,))[0]
-        for prov, (med, nbytes) in provs.items():
-            gbs = nbytes / med / 1e9
-            row = "| %s | %s | %s | %s | %s | %.3f | %s | %s | %.1f |" % (
-                name.replace("test_", ""), pass_, shape, dtype.replace("torch.", ""), prov, med * 1e3,
-                "%.2f×" % (eager / med) if eager else "–", "%.2f×" % (comp / med) if comp else "–", gbs)
+        for prov, (med, nbytes, launches) in provs.items():
+            gbs = nbytes / med / 1e9 if nbytes else None
+            row = "| %s | %s | %.3f | %s | %s | %s | %s |" % (
+                case, prov, med * 1e3, "%.2f×" % (eager / med) if eager else "–",
+                "%.2f×" % (comp / med) if comp else "–", "%.1f" % gbs if gbs else "–",
+                launches if launches is not None else "–")
             if copy:
-                row += " %.0f%% |" % (100 * gbs / copy)
+                row += " %s |" % ("%.0f%%" % (100 * gbs / copy) if gbs else "–")
             print(row)
 
 

@@ -26,11 +26,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_memory.h"
 #include "kgs_math.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #if MIM_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -584,25 +581,6 @@ void backward_preds_cpu(const Upstream<A>& up, const A* saved, int64_t M, int64_
       gy[i] = -(c_masked * sk + c_unmasked * su);
     }
   });
-}
-
-// The (M, B, D) outputs are fresh multi-MB buffers written once; with 4 KiB pages their first-touch
-// page faults cost about as much as the writes themselves (measured here: a 38 MB copy into fresh
-// memory 28 ms, into touched memory 10 ms). Ask for transparent huge pages on the 2 MiB-aligned interior
-// of the buffer before writing it. A hint only: no effect where THP is off or the memory was touched.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t bytes = static_cast<uintptr_t>(t.nbytes());
-  if (!t.is_cpu() || bytes < 4 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
-  if (end > start && std::getenv("MIM_FAST_NO_HUGE_PAGES") == nullptr) {
-    (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
-  }
-#else
-  (void)t;
-#endif
 }
 
 #if MIM_FAST_WITH_CUDA

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_memory.h"
 #include "mim_math.h"
 
 #if MIM_FAST_WITH_CUDA
@@ -537,6 +538,7 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
   const at::Tensor lens =
       lengths.has_value() ? lengths->to(x.device(), at::kLong).clamp(0, T).contiguous() : at::Tensor();
   at::Tensor grad_x = at::empty_like(x);  // keeps x's layout when x is dense (e.g. a batch-first view)
+  advise_huge_pages(grad_x);
   at::Tensor grad_logits = at::empty({B, T}, ste.options());
 
   if (x.is_cpu()) {
