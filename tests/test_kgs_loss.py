@@ -1013,3 +1013,24 @@ def test_heads_on_cuda_run_through_triton():
     reason = _backends.backend_status("kgs_loss_with_heads", "cuda", (torch.float32,))["cuda"]
     assert reason  # no hand-written CUDA kernel: "auto" takes the Triton one on GPUs
     compare_heads_to_reference("triton", make_head_inputs(3, 300, 80), _random_grad_out(300, "mean", "cpu"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_backward_when_the_reached_terms_touch_no_input_that_requires_grad(backend, reduction):
+    """inter reaches only h; with h frozen (and only yk trainable) the backward has nothing to compute."""
+    if mim_fast.backend_status("kgs_loss", "cpu")[backend]:
+        pytest.skip(mim_fast.backend_status("kgs_loss", "cpu")[backend])
+    yk, yu, y, h = make_inputs(3, 4, 6, dtype=torch.float32)
+    yk.requires_grad_()
+    out = mim_fast.kgs_loss(yk, yu, y, h, reduction=reduction, backend=backend)
+    extra = (yk ** 2).sum()
+    if out.inter.requires_grad:
+        (out.inter.mean() + extra).backward()
+    else:
+        extra.backward()
+    torch.testing.assert_close(yk.grad, 2 * yk.detach())
+    yk.grad = None
+    out = mim_fast.kgs_loss(yk, yu, y, h.requires_grad_(), reduction=reduction, backend=backend)
+    (out.masked.sum() if reduction == "none" else out.masked).backward()  # masked never reaches h
+    assert yk.grad is not None and h.grad is None

@@ -175,6 +175,8 @@ def _register_autograd(forward_name: str, backward_op) -> None:
                 need[1] and reached(grad_loss, grad_intra, grad_unmasked),
                 need[2] and reached(grad_loss, grad_masked, grad_unmasked),
                 need[3] and reached(grad_loss, grad_inter))
+        if not any(want):  # e.g. only `inter` reached us but h is frozen: nothing to compute
+            return (None,) * 12
         empty = saved_preds.new_empty((0,))
         gyk, gyu, gy, gh = backward_op(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked,
                                        saved_preds if any(want[:3]) else empty,
