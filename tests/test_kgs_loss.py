@@ -20,11 +20,17 @@ OPTION_IDS = ["%s-%s-%s" % ("per_sample" if p else "batch", "divT" if d else "no
 
 
 def make_inputs(M, B, D, dtype=torch.float64):
-    y = torch.empty(B, dtype=dtype).uniform_(-3, 3)
-    yk = y + torch.randn(M, B, dtype=dtype)
-    yu = y + torch.randn(M, B, dtype=dtype)
-    h = 2 * torch.randn(M, B, D, dtype=dtype)
-    return yk, yu, y, h
+    """Random predictions whose 2M absolute errors per sample are all at least ~0.1 apart: routing is
+    decided by exact comparisons, and a near-tie could otherwise route differently at two precisions
+    (the fused kernel in float32 vs the float64 "exact" run), which is not an error of either. Exact ties
+    are tested separately, by construction."""
+    y = torch.empty(B, dtype=torch.float64).uniform_(-3, 3)
+    levels = torch.rand(2 * M, B, dtype=torch.float64).argsort(dim=0).to(torch.float64)  # a permutation per sample
+    err = 0.05 + 0.15 * levels + 0.03 * torch.rand(2 * M, B, dtype=torch.float64)
+    err = err * torch.where(torch.rand(2 * M, B) < 0.5, -1.0, 1.0).to(torch.float64)
+    yk, yu = y + err[:M], y + err[M:]
+    h = 2 * torch.randn(M, B, D, dtype=torch.float64)
+    return tuple(t.to(dtype) for t in (yk, yu, y, h))
 
 
 def sign(v: float) -> float:
@@ -376,7 +382,8 @@ def _close(got, want, name, *, rtol=1e-5, scale_atol=1e-5, equal_nan=False):
 # error ≈ ε·(|x| + log D) and ½T² amplifies the sum, so one draw's float32 error in `inter` (and in the
 # loss that contains it) fluctuates by 10× between equally careful implementations — up to ~1e-5 of its
 # magnitude for the reference, the C++ and the Triton kernels alike (150 random cases, M ≤ 5, kd_scale
-# ≤ 10). The 2× rule gets a floor of that size there; elsewhere a few ulp. The same holds for ∂inter/∂h
+# ≤ 10). The 2× rule gets a floor of that size there; elsewhere 1e-5 of the magnitude (sums over D and B
+# in another order: torch's own error is sometimes ~1e-8 by luck, which would make 2× of it a coin toss). The same holds for ∂inter/∂h
 # = c·(q − p): the difference of two nearly equal distributions, each rounded at ε·max(p, q) (seen: a
 # fused error of 1.8e-5 of max|∂L/∂h| against torch's 2e-6 in about 1 run in 10).
 _FLOOR = {"inter": 4e-5, "loss": 4e-5, "grad h": 4e-5}
@@ -386,7 +393,7 @@ def _accurate(got, ref, exact, name, *, floor=None):
     """The project's accuracy rule (flash-attention's): against a float64 computation on the same inputs,
     the fused result's error is at most twice that of the same-precision torch reference, plus `floor`
     relative to the result's magnitude. Non-finite values must match exactly."""
-    floor = _FLOOR.get(name, 1e-6) if floor is None else floor
+    floor = _FLOOR.get(name, 1e-5) if floor is None else floor
     g, r, e = (t.detach().double().cpu() for t in (got, ref, exact))
     finite = torch.isfinite(e)
     torch.testing.assert_close(g[~finite], e[~finite], rtol=0, atol=0, equal_nan=True,
