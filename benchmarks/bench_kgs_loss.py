@@ -26,7 +26,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 import mim_fast
-from mim_fast import reference
+from mim_fast import bench, reference
 from mim_fast.ops import _backends
 
 # Inductor's C++ kernels then appear as profiler events (a record_function each), so their launches can
@@ -145,7 +145,7 @@ def test_kgs_loss_forward_backward(benchmark, provider, B, D):
     launches = _count_launches(step, device)  # after timing: a profiler session slows later eager calls
     stats = getattr(benchmark, "stats", None)
     seconds = stats.stats.median if stats is not None else elapsed
-    nbytes = 2 * M * B * D * ins[3].element_size()
+    nbytes = bench.minimal_bytes("kgs_loss", "fwd+bwd", {"M": M, "B": B, "D": D}, ins[3].dtype)
     benchmark.extra_info.update({"provider": provider, "device": device, "launches": launches, "bytes": nbytes,
                                  "GB/s": round(nbytes / seconds / 1e9, 3), "median_ms": round(seconds * 1e3, 4)})
     print("\n  %-8s M=%d B=%-6d D=%-4d %9.3f ms%s  %3d launches  %7.2f GB/s"

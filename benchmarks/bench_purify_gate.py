@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import mim_fast
-from mim_fast import reference
+from mim_fast import bench, reference
 from mim_fast.ops import _backends
 
 CUDA = torch.cuda.is_available()
@@ -73,8 +73,7 @@ def _sync():
 
 
 def minimal_bytes(T, B, D, dtype, backward):
-    e = torch.finfo(dtype).bits // 8
-    return (T * B * D * e * (3 if backward else 1)) + B * D * e
+    return bench.minimal_bytes("purify_gate", "fwd+bwd" if backward else "fwd", {"T": T, "B": B, "D": D}, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    from . import bench
+
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import main as info_main
@@ -35,6 +38,8 @@ def main(argv=None) -> int:
         return info_main()
     if args.command == "train":
         return _train(args)
+    if args.command == "bench":
+        return bench.main(args)
     if args.command == "demo":
         from .demo import main as demo_main
 

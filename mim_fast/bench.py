@@ -1,0 +1,600 @@
+"""``mim-fast bench``: every op of the library against the eager reference and torch.compile, side by side.
+
+For each case (op, pass, shape, dtype) every provider that can run on the device is timed on the same
+inputs in the same process, so the ratios are measured side by side:
+
+  eager                  the published formulation in eager PyTorch (mim_fast.reference)
+  compile                torch.compile of that same function (mode "default")
+  compile-max-autotune   torch.compile(mode="max-autotune") — on a GPU only
+  cpu / triton / cuda    the fused backends, where they can serve the device and dtype
+
+Cases (the minimal bytes each moves are in the kernels' docstrings and in :func:`minimal_bytes`):
+
+  purify_gate fwd        SPEC §1 forward: x (T, B, D) read once, pooled (B, D) written
+  purify_gate fwd+bwd    forward + backward of pooled and penalty: x read twice, ∂L/∂x written once
+  kgs_loss fwd+bwd       SPEC §2, M = 3: h (M, B, D) read once, ∂L/∂h written once
+  train_step             MIM's whole training step (SPEC §3) at the paper's D = 80, T = 50; "eager" is the
+                         model with the reference ops (backend "torch"), the fused rows use that backend;
+                         torch.compile is not offered for it (two autograd.grad calls and two optimizers)
+
+Timing: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, warm-up; median and
+p20/p80 over ~100 ms of calls); on a CPU a repeat-and-median timer (warm-up calls, then at least
+``min_reps`` calls and ``min_time`` seconds). Peak memory is the most memory the step allocated above what
+was live before it: ``torch.cuda.max_memory_allocated`` on a GPU, the profiler's allocation events on a
+CPU. %BW is GB/s over the device-to-device copy bandwidth measured at the start of the same run.
+
+Output: a markdown table on stdout and in OUT/bench.md, OUT/bench.json (machine, GPU, versions, commit,
+time, copy bandwidth, every row), and — when matplotlib is installed — OUT/time.png (median time vs size
+per provider) and OUT/roofline.png (% of copy bandwidth vs size). An error in one provider is recorded in
+its row and the run goes on; the command then exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+OPS = ("gate", "kgs", "train")
+KGS_M = 3
+
+# Shape sweeps, per (device type, quick). Gate: (T, B, D); KGS: (B, D) with M = 3; train step: B.
+# The CPU sweep holds the CPU targets of the kernel issues (gate T=50 B=256 D=768, KGS B=4096 D=768);
+# the GPU sweep the H100 ones (gate T=50 B=2048 D=768, KGS B=4096 D=768 and B=65536).
+SWEEPS = {
+    ("cpu", True): {"gate": [(50, 16, 80), (50, 256, 768)], "kgs": [(16, 80), (4096, 768)], "train": [16]},
+    ("cpu", False): {"gate": [(50, 16, 80), (50, 64, 768), (50, 256, 768), (50, 1024, 768)],
+                     "kgs": [(16, 80), (256, 768), (4096, 768), (65536, 80)], "train": [16, 256]},
+    ("cuda", True): {"gate": [(50, 256, 768), (50, 2048, 768)], "kgs": [(4096, 768), (65536, 80)],
+                     "train": [16, 256]},
+    ("cuda", False): {"gate": [(50, 16, 80), (50, 256, 768), (50, 2048, 768), (50, 8192, 768), (500, 64, 768)],
+                      "kgs": [(16, 80), (256, 768), (4096, 768), (65536, 80), (65536, 768)], "train": [16, 256]},
+}
+
+
+@dataclass
+class Row:
+    """One measured (or skipped, or failed) provider on one case."""
+
+    op: str
+    pass_: str
+    shape: Dict[str, int]
+    dtype: str
+    provider: str
+    device: str
+    size: int                       # elements of the big operand (x or h; B for the training step)
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    bytes: Optional[int] = None     # minimal bytes of the case (None for the training step)
+    gbps: Optional[float] = None
+    pct_copy_bw: Optional[float] = None
+    peak_mem_bytes: Optional[int] = None
+    vs_eager: Optional[float] = None
+    vs_compile: Optional[float] = None
+    skipped: Optional[str] = None
+    error: Optional[str] = None
+    traceback: Optional[str] = None  # of the error, in the JSON only
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def case(self) -> str:
+        dims = " ".join("%s=%d" % kv for kv in self.shape.items())
+        return "%s %s %s %s" % (self.op, self.pass_, dims, self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- bytes
+
+def minimal_bytes(op: str, pass_: str, shape: Dict[str, int], dtype: torch.dtype) -> Optional[int]:
+    """The least traffic a kernel can get away with (what GB/s and % of bandwidth are computed from).
+
+    Gate forward: x read once + pooled written; forward+backward: x read twice + ∂L/∂x written once (+ pooled).
+    KGS: h read once + ∂L/∂h written once. (B, T)- and (M, B)-sized traffic is ignored. None for the step.
+    """
+    e = torch.finfo(dtype).bits // 8
+    if op == "purify_gate":
+        T, B, D = shape["T"], shape["B"], shape["D"]
+        return T * B * D * e * (3 if pass_ == "fwd+bwd" else 1) + B * D * e
+    if op == "kgs_loss":
+        return 2 * shape["M"] * shape["B"] * shape["D"] * e
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+def copy_bandwidth(device: str, mib: int = 512, reps: int = 20) -> dict:
+    """Measured device-memory copy bandwidth, (read + write bytes) / median time of ``dst.copy_(src)``."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up, and the first touch of dst's pages on a CPU
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (%d threads)" % torch.get_num_threads()
+    return {"device": name, "bytes": 2 * n * 4, "median_s": med, "copy_GBps": 2 * n * 4 / med / 1e9}
+
+
+def _quantiles(times: List[float]) -> Tuple[float, float, float]:
+    s = sorted(times)
+    q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
+    return q(0.5), q(0.2), q(0.8)
+
+
+def time_cpu(fn: Callable[[], None], *, min_reps: int = 5, max_reps: int = 200, min_time: float = 0.3,
+             warmup: int = 2) -> Tuple[float, float, float]:
+    """(median, p20, p80) seconds of fn() on the host clock, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return _quantiles(times)
+
+
+def time_cuda(fn: Callable[[], None], *, rep_ms: int = 100) -> Tuple[float, float, float]:
+    """(median, p20, p80) seconds of fn() on CUDA events (triton.testing.do_bench when Triton is there)."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return med / 1e3, p20 / 1e3, p80 / 1e3
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(10, rep_ms // 5)):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return _quantiles(times)
+
+
+def peak_memory(fn: Callable[[], None], device: str) -> Optional[int]:
+    """Most bytes fn() had allocated at once above what was live before it (torch allocations only)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocs: List[Tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    cur = peak = 0
+    for _, size in sorted(allocs):
+        cur += size
+        peak = max(peak, cur)
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------------- cases
+
+def _compiled(fn: Callable, mode: str) -> Callable:
+    """A fresh torch.compile of fn for one case: static shapes (what a training loop at a fixed shape gets),
+    and dynamo's caches reset so that no earlier case's recompile count sends this one back to eager."""
+    torch._dynamo.reset()
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def _gate_eager(x, logits, noise):
+    from . import reference
+
+    return reference.purify_gate(x, logits, noise=noise, exact_math=False)
+
+
+def _kgs_eager(yk, yu, y, h):
+    from . import reference
+
+    return reference.kgs_loss(yk, yu, y, h)
+
+
+def _provider_fn(op: str, provider: str) -> Callable:
+    import mim_fast
+
+    eager = {"purify_gate": _gate_eager, "kgs_loss": _kgs_eager}[op]
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return _compiled(eager, "default")
+    if provider == "compile-max-autotune":
+        return _compiled(eager, "max-autotune")
+    if op == "purify_gate":
+        return lambda x, logits, noise: mim_fast.purify_gate(x, logits, noise=noise, backend=provider)
+    return lambda *a: mim_fast.kgs_loss(*a, backend=provider)
+
+
+def _gate_step(provider: str, shape, dtype, device, backward: bool) -> Callable[[], None]:
+    T, B, D = shape
+    gen = torch.Generator().manual_seed(T * 7919 + B * 31 + D)
+    x = torch.randn(T, B, D, generator=gen).to(device, dtype)
+    logits = (torch.randn(B, T, generator=gen) - 3.0).to(device)  # a = g + 3 around 0: a mix of open/closed
+    noise = torch.rand(B, T, generator=gen).clamp(1e-6, 1 - 1e-6).to(device)
+    G = torch.randn(B, D, generator=gen).to(device, dtype)
+    one = torch.ones((), device=device)
+    fn = _provider_fn("purify_gate", provider)
+    if not backward:
+        def step():
+            with torch.no_grad():
+                fn(x, logits, noise)
+        return step
+    x.requires_grad_()
+    logits.requires_grad_()
+
+    def step():
+        x.grad = None
+        logits.grad = None
+        out = fn(x, logits, noise)
+        torch.autograd.backward([out.pooled, out.penalty], [G, one])
+    return step
+
+
+def _kgs_step(provider: str, shape, dtype, device) -> Callable[[], None]:
+    B, D = shape
+    gen = torch.Generator().manual_seed(B * 1000 + D)
+    y = torch.empty(B).uniform_(-3, 3, generator=gen)
+    yk = y + torch.randn(KGS_M, B, generator=gen)
+    yu = y + torch.randn(KGS_M, B, generator=gen)
+    h = 2 * torch.randn(KGS_M, B, D, generator=gen)
+    ins = [t.to(device, dtype).requires_grad_() for t in (yk, yu, y, h)]
+    fn = _provider_fn("kgs_loss", provider)
+
+    def step():
+        for t in ins:
+            t.grad = None
+        fn(*ins).loss.backward()
+    return step
+
+
+def _train_step(provider: str, batch_size: int, dtype, device) -> Callable[[], None]:
+    from . import train as T
+
+    amp = {torch.float32: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    if amp is None:
+        raise ValueError("the training step runs in fp32, bf16 or fp16 (autocast), not %s" % dtype)
+    cfg = T.TrainConfig(backend="torch" if provider == "eager" else provider, d_model=80, heads=5,
+                        batch_size=batch_size, av_layers=3, text_layers=0, amp=amp,
+                        synthetic={"n_train": batch_size, "n_dev": 8, "n_test": 8, "T": 50, "dims": [768, 74, 47]})
+    data = T.load_for_training(cfg)
+    torch.manual_seed(0)
+    model = T.build_model(data, cfg).to(device)
+    opt = T.Optimizers(model, cfg, device)
+    batch = next(T.batches(data.train, batch_size, shuffle=False, device=device))
+    return lambda: T.train_step(model, opt, batch, cfg, 7, device)
+
+
+# ---------------------------------------------------------------------------------------------------- runner
+
+def _providers(op: str, device: str, dtype: torch.dtype, wanted: Optional[Sequence[str]]) -> List[Tuple[str, Optional[str]]]:
+    """[(provider, reason it is skipped or None)] for an op on a device."""
+    from .ops import _backends
+
+    status = _backends.backend_status("purify_gate" if op == "train_step" else op, device, (dtype,))
+    out: List[Tuple[str, Optional[str]]] = [("eager", None)]
+    if op != "train_step":
+        out.append(("compile", None))
+        if device == "cuda":
+            out.append(("compile-max-autotune", None))
+    for backend in ("cpu", "triton", "cuda"):
+        reason = status[backend]
+        if op == "train_step" and reason is None:
+            kgs = _backends.backend_status("kgs_loss", device, (torch.float32,))[backend]
+            reason = kgs and "kgs_loss: " + kgs
+        if backend == "triton" and reason is None and device == "cpu":
+            reason = "Triton under the CPU interpreter is a test vehicle: its timings mean nothing"
+        out.append((backend, reason))
+    if wanted:
+        out = [(p, r) for p, r in out if p in wanted]
+    return out
+
+
+def _cases(sweep: dict, ops: Sequence[str], dtypes: Sequence[str]):
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        if "gate" in ops:
+            for pass_ in ("fwd", "fwd+bwd"):
+                for T, B, D in sweep["gate"]:
+                    yield "purify_gate", pass_, {"T": T, "B": B, "D": D}, dname, dtype, T * B * D
+        if "kgs" in ops:
+            for B, D in sweep["kgs"]:
+                yield "kgs_loss", "fwd+bwd", {"M": KGS_M, "B": B, "D": D}, dname, dtype, KGS_M * B * D
+    if "train" in ops:
+        for dname in dtypes:
+            if dname in ("fp32", "bf16", "fp16"):
+                for B in sweep["train"]:
+                    yield "train_step", "step", {"B": B, "D": 80, "T": 50}, dname, DTYPES[dname], B
+
+
+def _make_step(op, pass_, shape, dtype, provider, device):
+    if op == "purify_gate":
+        return _gate_step(provider, (shape["T"], shape["B"], shape["D"]), dtype, device, pass_ == "fwd+bwd")
+    if op == "kgs_loss":
+        return _kgs_step(provider, (shape["B"], shape["D"]), dtype, device)
+    return _train_step(provider, shape["B"], dtype, torch.device(device))
+
+
+def run_case(op, pass_, shape, dname, dtype, size, provider, device, copy_gbps, *, quick: bool) -> Row:
+    row = Row(op=op, pass_=pass_, shape=dict(shape), dtype=dname, provider=provider, device=device, size=size,
+              bytes=minimal_bytes(op, pass_, shape, dtype))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        step = _make_step(op, pass_, shape, dtype, provider, device)
+
+        def synced():
+            step()
+            sync()
+        synced()  # compilation, autotuning, first-touch of memory
+        if device == "cuda":
+            med, p20, p80 = time_cuda(step, rep_ms=50 if quick else 200)
+        else:
+            slow = op == "train_step" and shape["B"] > 64
+            med, p20, p80 = time_cpu(synced, min_reps=3 if slow else 5, min_time=0.2 if quick else 1.0,
+                                     warmup=1 if slow else 2)
+        row.median_ms, row.p20_ms, row.p80_ms = med * 1e3, p20 * 1e3, p80 * 1e3
+        row.peak_mem_bytes = peak_memory(synced, device)
+        if row.bytes:
+            row.gbps = row.bytes / med / 1e9
+            row.pct_copy_bw = 100.0 * row.gbps / copy_gbps if copy_gbps else None
+    except Exception as exc:  # noqa: BLE001 — recorded in the row, reported, and the exit status
+        row.error = "%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        row.traceback = traceback.format_exc()
+    return row
+
+
+def _ratios(rows: List[Row]) -> None:
+    by_case: Dict[str, Dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.provider] = r
+    for provs in by_case.values():
+        eager, comp = provs.get("eager"), provs.get("compile")
+        for r in provs.values():
+            if r.median_ms is None:
+                continue
+            if eager is not None and eager.median_ms:
+                r.vs_eager = eager.median_ms / r.median_ms
+            if comp is not None and comp.median_ms:
+                r.vs_compile = comp.median_ms / r.median_ms
+
+
+def _git_commit() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def machine_info(device: str) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    from . import __version__
+
+    return {
+        "node": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+        "mim_fast": __version__, "commit": _git_commit(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _fmt(v, f="%.3f"):
+    return "–" if v is None else f % v
+
+
+def markdown(rows: List[Row], meta: dict, copy: dict) -> str:
+    lines = ["mim-fast bench — %s; %s; torch %s, triton %s, CUDA %s; commit %s; %s" % (
+        meta["gpu"] or meta["cpu"], "%d threads" % meta["torch_threads"], meta["torch"], meta["triton"],
+        meta["cuda"], (meta["commit"] or "?")[:12], meta["time"]),
+        "copy bandwidth (%s): %.1f GB/s" % (copy["device"], copy["copy_GBps"]), "",
+        "| case | provider | median ms | p20–p80 ms | vs eager | vs compile | GB/s | % copy BW | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    errors, skipped = [], {}
+    for r in rows:
+        if r.error:
+            errors.append("- ERROR %s · %s: %s" % (r.case, r.provider, r.error))
+            continue
+        if r.skipped:
+            skipped.setdefault((r.provider, r.skipped), []).append(r.case)
+            continue
+        lines.append("| %s | %s | %s | %s–%s | %s | %s | %s | %s | %s |" % (
+            r.case, r.provider, _fmt(r.median_ms), _fmt(r.p20_ms), _fmt(r.p80_ms),
+            _fmt(r.vs_eager, "%.2f×"), _fmt(r.vs_compile, "%.2f×"), _fmt(r.gbps, "%.1f"),
+            _fmt(r.pct_copy_bw, "%.0f%%"), _fmt(None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20, "%.1f")))
+    if errors or skipped:
+        lines += ["", "Not measured:"] + errors + [
+            "- %s (%d case%s): %s" % (prov, len(cases), "" if len(cases) == 1 else "s", reason)
+            for (prov, reason), cases in skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: List[Row], out_dir: str) -> List[str]:
+    """time.png (median vs size per provider) and roofline.png (% of copy bandwidth); [] without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    panels: Dict[str, Dict[str, List[Row]]] = {}
+    for r in rows:
+        if r.median_ms is not None:
+            panels.setdefault("%s %s %s" % (r.op, r.pass_, r.dtype), {}).setdefault(r.provider, []).append(r)
+    for name, key, ylabel in (("time.png", "median_ms", "median time (ms)"),
+                              ("roofline.png", "pct_copy_bw", "% of measured copy bandwidth")):
+        items = [(p, provs) for p, provs in panels.items()
+                 if any(getattr(r, key) is not None for rs in provs.values() for r in rs)]
+        if not items:
+            continue
+        cols = min(3, len(items))
+        nrows = (len(items) + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+        for ax, (panel, provs) in zip(axes.flat, items):
+            for prov, rs in sorted(provs.items()):
+                rs = sorted((r for r in rs if getattr(r, key) is not None), key=lambda r: r.size)
+                if rs:
+                    ax.plot([r.size for r in rs], [getattr(r, key) for r in rs], marker="o", label=prov)
+            ax.set_xscale("log")
+            if key == "median_ms":
+                ax.set_yscale("log")
+            ax.set_title(panel, fontsize=9)
+            ax.set_xlabel("batch size B" if panel.startswith("train_step") else "elements of x / h")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(items):]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time every op per provider (eager, torch.compile, fused backends)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a short sweep (a few minutes on 2 CPU cores)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    p.add_argument("--ops", default="gate,kgs,train", help="comma-separated subset of gate,kgs,train")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of %s" % ",".join(DTYPES))
+    p.add_argument("--providers", help="comma-separated subset of eager,compile,compile-max-autotune,cpu,triton,cuda")
+    p.add_argument("--gate-shapes", metavar="TxBxD,...", help="gate shapes instead of the sweep's, e.g. 50x256x768")
+    p.add_argument("--kgs-shapes", metavar="BxD,...", help="KGS shapes (M = 3) instead of the sweep's, e.g. 4096x768")
+    p.add_argument("--train-batches", metavar="B,...", help="training-step batch sizes instead of the sweep's")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.md, bench.json and the plots")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _split(value: str, allowed: Sequence[str], name: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise ValueError("--%s: %r is not one of %s" % (name, bad[0] if bad else value, ", ".join(allowed)))
+    return items
+
+
+def _shapes(value: str, n: int, name: str) -> list:
+    """'50x16x80,50x256x768' → [(50, 16, 80), (50, 256, 768)] (n numbers each, all ≥ 1)."""
+    out = []
+    for item in value.split(","):
+        try:
+            dims = tuple(int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            dims = ()
+        if len(dims) != n or min(dims) < 1:
+            raise ValueError("--%s: %r is not %d positive integers joined by 'x'" % (name, item, n))
+        out.append(dims if n > 1 else dims[0])
+    return out
+
+
+def main(args) -> int:
+    try:
+        ops = _split(args.ops, OPS, "ops")
+        dtypes = _split(args.dtypes, list(DTYPES), "dtypes")
+        providers = (_split(args.providers, ["eager", "compile", "compile-max-autotune", "cpu", "triton", "cuda"],
+                            "providers") if args.providers else None)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        sweep = dict(SWEEPS[(device, args.quick)])
+        if args.gate_shapes:
+            sweep["gate"] = _shapes(args.gate_shapes, 3, "gate-shapes")
+        if args.kgs_shapes:
+            sweep["kgs"] = _shapes(args.kgs_shapes, 2, "kgs-shapes")
+        if args.train_batches:
+            sweep["train"] = _shapes(args.train_batches, 1, "train-batches")
+    except ValueError as exc:
+        print("mim-fast bench: error: %s" % exc, file=sys.stderr)
+        return 2
+    if device == "cuda" and not torch.cuda.is_available():
+        print("mim-fast bench: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    meta = machine_info(device)
+    copy = copy_bandwidth(device)
+    print("copy bandwidth (%s): %.1f GB/s" % (copy["device"], copy["copy_GBps"]), flush=True)
+    rows: List[Row] = []
+    t_start = time.perf_counter()
+    for op, pass_, shape, dname, dtype, size in _cases(sweep, ops, dtypes):
+        for provider, reason in _providers(op, device, dtype, providers):
+            if reason:
+                rows.append(Row(op=op, pass_=pass_, shape=dict(shape), dtype=dname, provider=provider, device=device,
+                                size=size, skipped=reason))
+                continue
+            row = run_case(op, pass_, shape, dname, dtype, size, provider, device, copy["copy_GBps"], quick=args.quick)
+            rows.append(row)
+            print("  %-44s %-21s %s" % (row.case, provider, "ERROR " + row.error if row.error else
+                                        "%10.3f ms" % row.median_ms), flush=True)
+    _ratios(rows)
+    meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    table = markdown(rows, meta, copy)
+    print()
+    print(table)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"machine": meta, "copy_bandwidth": copy, "quick": args.quick, "sweep": sweep,
+                   "rows": [dict(asdict(r), case=r.case) for r in rows]}, f, indent=1)
+    written = [] if args.no_plots else plots(rows, args.out)
+    print("wrote %s" % ", ".join([os.path.join(args.out, "bench.md"), os.path.join(args.out, "bench.json")] + written))
+    return 1 if any(r.error for r in rows) else 0

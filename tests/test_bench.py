@@ -1,0 +1,125 @@
+"""`mim-fast bench`: the runner on toy shapes (what it measures is checked, not how fast), its timers, byte
+counts, peak-memory probe and error handling. The real sweeps are run by hand or by benchmarks/gpu_check.sh."""
+import json
+import os
+
+import pytest
+import torch
+
+from mim_fast import bench, cli
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--no-plots", *extra])
+    return rc, out
+
+
+def _rows(out):
+    with open(out / "bench.json") as f:
+        return json.load(f)
+
+
+def test_minimal_bytes_are_the_kernels_contract():
+    # gate: x read once (+ pooled) forward; x read twice and ∂L/∂x written once (+ pooled) forward+backward
+    assert bench.minimal_bytes("purify_gate", "fwd", {"T": 7, "B": 3, "D": 5}, torch.float32) == 4 * (7 * 3 * 5 + 3 * 5)
+    assert bench.minimal_bytes("purify_gate", "fwd+bwd", {"T": 7, "B": 3, "D": 5}, torch.bfloat16) == 2 * (
+        3 * 7 * 3 * 5 + 3 * 5)
+    # KGS: h read once, ∂L/∂h written once
+    assert bench.minimal_bytes("kgs_loss", "fwd+bwd", {"M": 3, "B": 11, "D": 13}, torch.float32) == 2 * 3 * 11 * 13 * 4
+    assert bench.minimal_bytes("train_step", "step", {"B": 16}, torch.float32) is None
+
+
+def test_time_cpu_quantiles_are_ordered_and_count_calls():
+    calls = []
+    med, p20, p80 = bench.time_cpu(lambda: calls.append(1), min_reps=7, min_time=0.0, warmup=2)
+    assert p20 <= med <= p80
+    assert len(calls) == 2 + 7
+
+
+def test_peak_memory_sees_a_temporary_on_cpu():
+    n = int(torch.randint(2_000_000, 3_000_000, ()).item())
+
+    def fn():
+        t = torch.empty(n, dtype=torch.float32)
+        t.fill_(1.0)
+        del t
+        torch.empty(16)
+
+    peak = bench.peak_memory(fn, "cpu")
+    assert 4 * n <= peak <= 4 * n + 2**16
+
+
+def test_bench_cli_measures_every_op_against_eager(tmp_path):
+    rc, out = _run(tmp_path, "--providers", "eager,cpu,cuda", "--dtypes", "fp32", "--gate-shapes", "3x2x5,1x1x1",
+                   "--kgs-shapes", "2x3", "--train-batches", "2")
+    assert rc == 0
+    data = _rows(out)
+    rows = data["rows"]
+    assert data["machine"]["torch"] == torch.__version__ and data["copy_bandwidth"]["copy_GBps"] > 0
+    measured = [r for r in rows if r["median_ms"] is not None]
+    assert {(r["op"], r["pass_"]) for r in measured} == {
+        ("purify_gate", "fwd"), ("purify_gate", "fwd+bwd"), ("kgs_loss", "fwd+bwd"), ("train_step", "step")}
+    assert {r["provider"] for r in measured} == {"eager", "cpu"}
+    for r in measured:
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0
+        assert r["error"] is None
+        if r["provider"] == "eager":
+            assert r["vs_eager"] == pytest.approx(1.0)
+        assert r["vs_compile"] is None  # no compile provider in this run
+        if r["op"] != "train_step":
+            assert r["bytes"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / r["median_ms"] / 1e6)
+    gate_fwd = [r for r in measured if r["op"] == "purify_gate" and r["pass_"] == "fwd" and r["shape"]["T"] == 3]
+    assert len(gate_fwd) == 2 and gate_fwd[0]["size"] == 3 * 2 * 5
+    # unavailable providers are listed with the reason, not silently dropped
+    skipped = [r for r in rows if r["skipped"]]
+    assert {r["provider"] for r in skipped} == {"cuda"} and all("CUDA" in r["skipped"] for r in skipped)
+    table = (out / "bench.md").read_text()
+    assert "| case | provider | median ms |" in table and "kgs_loss fwd+bwd M=3 B=2 D=3 fp32" in table
+
+
+def test_bench_cli_compile_column_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--ops", "gate", "--dtypes", "fp32",
+                   "--providers", "eager,compile,cpu", "--gate-shapes", "2x3x4"])
+    assert rc == 0
+    rows = [r for r in _rows(out)["rows"] if r["median_ms"] is not None]
+    comp = [r for r in rows if r["provider"] == "compile"]
+    assert len(comp) == 2 and all(r["vs_compile"] == pytest.approx(1.0) for r in comp)
+    assert all(r["vs_compile"] is not None for r in rows)
+    assert os.path.getsize(out / "time.png") > 1000 and os.path.getsize(out / "roofline.png") > 1000
+
+
+def test_a_failing_provider_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    real = bench._make_step
+
+    def broken(op, pass_, shape, dtype, provider, device):
+        if provider == "cpu":
+            raise RuntimeError("kernel exploded")
+        return real(op, pass_, shape, dtype, provider, device)
+
+    monkeypatch.setattr(bench, "_make_step", broken)
+    rc, out = _run(tmp_path, "--ops", "kgs", "--providers", "eager,cpu", "--dtypes", "fp32", "--kgs-shapes", "2x3")
+    assert rc == 1
+    rows = _rows(out)["rows"]
+    cpu = [r for r in rows if r["provider"] == "cpu"]
+    assert cpu and cpu[0]["error"] == "RuntimeError: kernel exploded" and "Traceback" in cpu[0]["traceback"]
+    assert [r for r in rows if r["provider"] == "eager"][0]["median_ms"] is not None
+    assert "ERROR kgs_loss fwd+bwd M=3 B=2 D=3 fp32 · cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ops", "gate,nope"], "--ops: 'nope'"),
+    (["--dtypes", "fp8"], "--dtypes: 'fp8'"),
+    (["--providers", "fast"], "--providers: 'fast'"),
+    (["--gate-shapes", "50x16"], "--gate-shapes: '50x16'"),
+    (["--kgs-shapes", "0x3"], "--kgs-shapes: '0x3'"),
+    (["--train-batches", "x"], "--train-batches: 'x'"),
+])
+def test_bad_arguments_name_the_option(tmp_path, capsys, args, message):
+    rc, out = _run(tmp_path, *args)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,133 @@
+"""CUDA-graph capture of the fused ops (GPU only; run by benchmarks/gpu_check.sh).
+
+A captured forward+backward must replay to the same values as an uncaptured call on the same inputs, for
+every fused CUDA-side backend. Capture rules the ops must keep: no host syncs, no host→device copies, no
+allocation outside the graph's pool, everything on the current stream.
+
+Noise under a graph: a Python ``seed`` is a kernel argument, so it is frozen into the graph and every
+replay draws the same gate noise (tested below, so the behaviour is pinned). For fresh noise per replay
+draw it inside the graph with ``torch.rand`` (graph-safe: torch advances its Philox offset per replay)
+and pass it as ``noise=``.
+"""
+import pytest
+import torch
+
+import mim_fast
+from mim_fast.ops import _backends
+
+pytestmark = pytest.mark.cuda
+BACKENDS = ["cuda", "triton"]
+
+
+def _capture(step):
+    """Warm up on a side stream (as torch.cuda.graphs' docs require), then capture step() once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def _need(backend, op):
+    reason = _backends.backend_status(op, "cuda", (torch.float32,))[backend]
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_purify_gate_forward_backward_replays(backend):
+    _need(backend, "purify_gate")
+    T, B, D = 37, 5, 131
+    x = torch.randn(T, B, D, device="cuda", requires_grad=True)
+    logits = (2 * torch.randn(B, T, device="cuda") - 3).requires_grad_()
+    noise = torch.rand(B, T, device="cuda").clamp(1e-6, 1 - 1e-6)
+    G = torch.randn(B, D, device="cuda")
+    lengths = torch.randint(0, T + 1, (B,), device="cuda")
+
+    def step():
+        x.grad, logits.grad = None, None
+        out = mim_fast.purify_gate(x, logits, noise=noise, lengths=lengths, backend=backend)
+        torch.autograd.backward([out.pooled, out.penalty], [G, torch.ones((), device="cuda")])
+        return out.pooled, out.penalty, out.gate, x.grad, logits.grad
+
+    graph, static = _capture(step)
+    for _ in range(2):  # new inputs, copied into the captured tensors, then replay
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+            logits.copy_(2 * torch.randn_like(logits) - 3)
+            noise.copy_(torch.rand_like(noise).clamp(1e-6, 1 - 1e-6))
+            G.copy_(torch.randn_like(G))
+        graph.replay()
+        torch.cuda.synchronize()
+        got = [t.clone() for t in static]
+        want = step()
+        # a replay runs the very kernels of an uncaptured call; only a reduction order (atomics) may differ
+        for g, w, name in zip(got, want, ("pooled", "penalty", "gate", "grad x", "grad logits")):
+            torch.testing.assert_close(g, w, msg=lambda m: "%s: %s" % (name, m))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_purify_gate_seed_is_frozen_in_the_graph_and_in_graph_rand_is_not(backend):
+    _need(backend, "purify_gate")
+    T, B, D = 50, 16, 80
+    x = torch.randn(T, B, D, device="cuda")
+    logits = torch.randn(B, T, device="cuda") - 3
+
+    graph, gate_seeded = _capture(lambda: mim_fast.purify_gate(x, logits, seed=1234, backend=backend).gate)
+    gates = []
+    for _ in range(2):
+        graph.replay()
+        gates.append(gate_seeded.clone())
+    torch.testing.assert_close(gates[0], gates[1], rtol=0, atol=0)
+    torch.testing.assert_close(gates[0], mim_fast.purify_gate(x, logits, seed=1234, backend=backend).gate,
+                               rtol=0, atol=0)
+
+    def fresh():
+        u = torch.rand(B, T, device="cuda").clamp_(1e-6, 1 - 1e-6)
+        return u, mim_fast.purify_gate(x, logits, noise=u, backend=backend).gate
+
+    graph, (u_static, gate_static) = _capture(fresh)
+    seen = []
+    for _ in range(2):
+        graph.replay()
+        seen.append((u_static.clone(), gate_static.clone()))
+        ref = mim_fast.purify_gate(x, logits, noise=seen[-1][0], backend=backend).gate
+        torch.testing.assert_close(seen[-1][1], ref, rtol=0, atol=0)
+    assert not torch.equal(seen[0][0], seen[1][0]), "torch.rand inside the graph must advance per replay"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kgs_loss_forward_backward_replays(backend):
+    _need(backend, "kgs_loss")
+    M, B, D = 3, 77, 80
+    y = torch.empty(B, device="cuda").uniform_(-3, 3)
+    yk = (y + torch.randn(M, B, device="cuda")).requires_grad_()
+    yu = (y + torch.randn(M, B, device="cuda")).requires_grad_()
+    h = (2 * torch.randn(M, B, D, device="cuda")).requires_grad_()
+    ins = (yk, yu, y, h)
+
+    def step():
+        for t in (yk, yu, h):
+            t.grad = None
+        out = mim_fast.kgs_loss(*ins, backend=backend)
+        out.loss.backward()
+        return out.loss, out.teacher, out.alpha, yk.grad, yu.grad, h.grad
+
+    graph, static = _capture(step)
+    for _ in range(2):
+        with torch.no_grad():
+            y.uniform_(-3, 3)
+            yk.copy_(y + torch.randn_like(yk))
+            yu.copy_(y + torch.randn_like(yu))
+            h.copy_(2 * torch.randn_like(h))
+        graph.replay()
+        torch.cuda.synchronize()
+        got = [t.clone() for t in static]
+        want = step()
+        for g, w, name in zip(got, want, ("loss", "teacher", "alpha", "grad yk", "grad yu", "grad h")):
+            torch.testing.assert_close(g, w, msg=lambda m: "%s: %s" % (name, m))
