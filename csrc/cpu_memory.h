@@ -1,10 +1,15 @@
-// Host-memory helpers shared by the CPU kernels.
+// Host-memory helpers shared by the CPU kernels: large outputs come from a pool of recycled buffers.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
+#include <mutex>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -12,25 +17,146 @@
 
 namespace mim_fast {
 
-// Large outputs (∂L/∂x, ∂L/∂h: tens of MB) are fresh buffers written once; with 4 KiB pages their
-// first-touch page faults cost about as much as the writes themselves (measured here: a 38 MB copy into
-// fresh memory 28 ms, into touched memory 10 ms). Ask for transparent huge pages on the 2 MiB-aligned
-// interior of the buffer before writing it. A hint only: no effect where THP is off or the memory was
-// already touched; MIM_FAST_NO_HUGE_PAGES=1 turns it off.
-inline void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t bytes = static_cast<uintptr_t>(t.nbytes());
-  if (!t.is_cpu() || bytes < 4 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
-  static const bool disabled = std::getenv("MIM_FAST_NO_HUGE_PAGES") != nullptr;
-  if (end > start && !disabled) {
-    (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+// Why a pool. The CPU kernels' large outputs (∂L/∂x of the gate, ∂L/∂h and the saved h of the KGS loss:
+// tens of MB) are fresh buffers written once per step. glibc serves them with mmap and returns them to the
+// kernel on free, so every step pays a page fault and a kernel zero-fill per page before our write: on the
+// 2-core CI VM a 39 MB fill takes 24 ms into fresh memory and 3.7 ms into memory already touched — the
+// faults cost several times the writes themselves. Like the CUDA caching allocator, we keep freed large
+// buffers and hand them out again for a request of the same (2 MiB-rounded) size, which is what a training
+// loop at a fixed shape asks for every step. Bounded: at most MIM_FAST_CPU_CACHE_MB (default 512) MiB
+// are kept idle, the oldest released first; MIM_FAST_CPU_CACHE_MB=0 turns the pool off; and
+// mim_fast.empty_cpu_cache() frees what is idle. Tensors from the pool are ordinary CPU tensors (their
+// storage's allocator is this one, so resize_ and sharing work); only requests of ≥ 8 MiB use it.
+class LargeBufferPool final : public c10::Allocator {
+ public:
+  static constexpr size_t kMinBytes = size_t(8) << 20;
+  static constexpr size_t kHuge = size_t(2) << 20;
+
+  static LargeBufferPool& get() {
+    static LargeBufferPool* pool = new LargeBufferPool();  // never destroyed: tensors may outlive statics
+    return *pool;
   }
-#else
-  (void)t;
+
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kMinBytes || cap_ == 0) return c10::GetCPUAllocator()->allocate(n);
+    const size_t size = (n + kHuge - 1) / kHuge * kHuge;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+        if (it->size == size) {
+          Block* b = new Block(*it);
+          idle_.erase(it);
+          idle_bytes_ -= size;
+          ++hits_;
+          return {b->ptr, b, &LargeBufferPool::release, c10::Device(c10::DeviceType::CPU)};
+        }
+      }
+      ++misses_;
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) {
+      // let the caching go: free what is idle and try once more before reporting
+      empty_cache();
+      if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) {
+        TORCH_CHECK(false, "mim_fast: could not allocate ", size, " bytes of host memory");
+      }
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    // 2 MiB pages where transparent huge pages are in "madvise" mode: fewer faults on the first touch.
+    if (!no_huge_pages_) (void)madvise(p, size, MADV_HUGEPAGE);
 #endif
+    Block* b = new Block{p, size};
+    return {p, b, &LargeBufferPool::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context, not the pointer, frees
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // Frees every idle buffer; returns the bytes freed.
+  size_t empty_cache() {
+    std::deque<Block> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      drop.swap(idle_);
+      idle_bytes_ = 0;
+    }
+    size_t freed = 0;
+    for (const Block& b : drop) {
+      std::free(b.ptr);
+      freed += b.size;
+    }
+    return freed;
+  }
+
+  struct Stats {
+    size_t idle_bytes, idle_blocks, cap_bytes, hits, misses;
+  };
+  Stats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {idle_bytes_, idle_.size(), cap_, hits_, misses_};
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t size;
+  };
+
+  LargeBufferPool() {
+    const char* mb = std::getenv("MIM_FAST_CPU_CACHE_MB");
+    cap_ = (mb != nullptr ? static_cast<size_t>(std::strtoull(mb, nullptr, 10)) : size_t(512)) << 20;
+    no_huge_pages_ = std::getenv("MIM_FAST_NO_HUGE_PAGES") != nullptr;
+  }
+
+  static void release(void* ctx) {
+    Block* b = static_cast<Block*>(ctx);
+    get().put(*b);
+    delete b;
+  }
+
+  void put(const Block& b) {
+    std::deque<Block> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (b.size > cap_) {
+        drop.push_back(b);
+      } else {
+        while (idle_bytes_ + b.size > cap_ && !idle_.empty()) {  // the oldest idle buffers go first
+          drop.push_back(idle_.front());
+          idle_bytes_ -= idle_.front().size;
+          idle_.pop_front();
+        }
+        idle_.push_back(b);
+        idle_bytes_ += b.size;
+      }
+    }
+    for (const Block& d : drop) std::free(d.ptr);  // outside the lock
+  }
+
+  std::mutex mu_;
+  std::deque<Block> idle_;
+  size_t idle_bytes_ = 0, cap_ = 0, hits_ = 0, misses_ = 0;
+  bool no_huge_pages_ = false;
+};
+
+// A CPU tensor for a large output: from the pool (see above) when CPU and ≥ 8 MiB, else at::empty.
+// Strides as at::empty_like's "preserve" when `like` is given and dense (e.g. a batch-first view).
+inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts,
+                              const at::Tensor* like = nullptr) {
+  if (!opts.device().is_cpu()) {
+    return like != nullptr ? at::empty_like(*like, opts) : at::empty(sizes, opts);
+  }
+  const c10::DispatchKeySet cpu(c10::DispatchKey::CPU);
+  const at::ScalarType dtype = c10::typeMetaToScalarType(opts.dtype());
+  if (like != nullptr && like->is_non_overlapping_and_dense() && like->sizes() == sizes) {
+    return at::detail::empty_strided_generic(sizes, like->strides(), &LargeBufferPool::get(), cpu, dtype);
+  }
+  return at::detail::empty_generic(sizes, &LargeBufferPool::get(), cpu, dtype, c10::nullopt);
 }
+
+inline at::Tensor empty_large_like(const at::Tensor& x) { return empty_large(x.sizes(), x.options(), &x); }
 
 }  // namespace mim_fast

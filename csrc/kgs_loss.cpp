@@ -621,8 +621,7 @@ ForwardResult forward_cpu_op(const at::Tensor& yk_a, const at::Tensor& yu_a, con
   const auto acc_opts = h.options().dtype(acc);
   at::Tensor teacher = at::empty({B}, h.options().dtype(at::kLong));
   at::Tensor saved_preds = o.grad_preds ? at::empty({4, M, B}, acc_opts) : at::empty({0}, acc_opts);
-  at::Tensor saved_h = o.grad_h ? at::empty({M, B, D}, h.options()) : at::empty({0}, h.options());
-  advise_huge_pages(saved_h);
+  at::Tensor saved_h = o.grad_h ? empty_large({M, B, D}, h.options()) : at::empty({0}, h.options());
   at::Tensor terms = at::empty({5, B}, acc_opts);
   at::Tensor alpha = at::empty({M, B}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "kgs_loss_forward_cpu", [&] {
@@ -741,10 +740,9 @@ BackwardResult kgs_loss_backward(const c10::optional<at::Tensor>& grad_loss, con
   at::Tensor gyk = has_preds ? at::empty({M, B}, opts.dtype(acc)) : at::empty({0}, opts.dtype(yk_dtype));
   at::Tensor gyu = has_preds ? at::empty({M, B}, opts.dtype(acc)) : at::empty({0}, opts.dtype(yu_dtype));
   at::Tensor gy = has_preds ? at::empty({B}, opts.dtype(acc)) : at::empty({0}, opts.dtype(y_dtype));
-  at::Tensor gh = has_h ? at::empty(saved_h.sizes(), saved_h.options()) : at::empty({0}, opts.dtype(saved_h.scalar_type()));
+  at::Tensor gh = has_h ? empty_large(saved_h.sizes(), saved_h.options()) : at::empty({0}, opts.dtype(saved_h.scalar_type()));
 
   if (dev.is_cpu()) {
-    advise_huge_pages(gh);
     std::vector<at::Tensor> g_acc(5);  // kept alive while the kernel reads them
     AT_DISPATCH_FLOATING_TYPES(acc, "kgs_loss_backward_cpu", [&] {
       using A = scalar_t;
@@ -946,10 +944,8 @@ HeadsBackwardResult kgs_loss_heads_backward(
   const at::ScalarType acc = saved_preds.scalar_type();
   const auto h_opts = h_masked.options();
   const auto acc_opts = h_masked.options().dtype(acc);
-  at::Tensor ghm = needs[0] ? at::empty({M, B, D}, h_opts) : at::empty({0}, h_opts);
-  at::Tensor ghu = needs[1] ? at::empty({M, B, D}, h_opts) : at::empty({0}, h_opts);
-  advise_huge_pages(ghm);
-  advise_huge_pages(ghu);
+  at::Tensor ghm = needs[0] ? empty_large({M, B, D}, h_opts) : at::empty({0}, h_opts);
+  at::Tensor ghu = needs[1] ? empty_large({M, B, D}, h_opts) : at::empty({0}, h_opts);
   const int64_t chunk = std::max<int64_t>(16, (B + 255) / 256);  // fixed by B: deterministic partials
   const int64_t nchunks = (B + chunk - 1) / chunk;
   at::Tensor gw_part = needs[2] ? at::empty({nchunks, M, D}, acc_opts) : at::Tensor();

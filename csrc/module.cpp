@@ -1,6 +1,7 @@
 // The mim_fast._C extension: the op schemas of the mim_fast torch.library namespace (the contract
 // every backend implements; kernels register per device in their own files) and a pybind11 module
 // that reports how this binary was built.
+#include "cpu_memory.h"
 #include <ATen/Config.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -82,4 +83,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return info;
   });
+  m.def("cpu_cache_info", []() {
+    const auto st = mim_fast::LargeBufferPool::get().stats();
+    py::dict d;
+    d["idle_bytes"] = st.idle_bytes;
+    d["idle_blocks"] = st.idle_blocks;
+    d["cap_bytes"] = st.cap_bytes;
+    d["hits"] = st.hits;
+    d["misses"] = st.misses;
+    return d;
+  }, "The CPU large-buffer pool: idle bytes/blocks kept, the cap, and hits/misses so far.");
+  m.def("cpu_cache_empty", []() { return mim_fast::LargeBufferPool::get().empty_cache(); },
+        "Free the pool's idle buffers; returns the bytes freed.");
 }

@@ -543,8 +543,7 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
   const at::Tensor h = gate.to(acc).contiguous();
   const at::Tensor lens =
       lengths.has_value() ? lengths->to(x.device(), at::kLong).clamp(0, T).contiguous() : at::Tensor();
-  at::Tensor grad_x = at::empty_like(x);  // keeps x's layout when x is dense (e.g. a batch-first view)
-  advise_huge_pages(grad_x);
+  at::Tensor grad_x = empty_large_like(x);  // keeps x's layout when x is dense (e.g. a batch-first view)
   at::Tensor grad_logits = at::empty({B, T}, ste.options());
 
   if (x.is_cpu()) {

@@ -8,7 +8,7 @@
 The math is shared/SPEC.md; ``mim_fast.reference`` is its eager implementation (the "torch" backend).
 """
 from . import _ext, reference
-from ._ext import build_info
+from ._ext import build_info, cpu_cache_info, empty_cpu_cache
 from ._types import KGSLossOutput, PurifyGateOutput
 from .ops import (BACKENDS, BackendUnavailableError, available_backends, backend_status, gate_noise, kgs_loss,
                   kgs_loss_with_heads, philox_uniform, purify_gate)
@@ -25,6 +25,8 @@ __all__ = [
     "available_backends",
     "backend_status",
     "build_info",
+    "cpu_cache_info",
+    "empty_cpu_cache",
     "gate_noise",
     "kgs_loss",
     "kgs_loss_with_heads",

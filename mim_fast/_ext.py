@@ -8,7 +8,7 @@ import warnings
 
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against, before _C is imported)
 
-__all__ = ["C", "load_error", "build_info"]
+__all__ = ["C", "load_error", "build_info", "cpu_cache_info", "empty_cpu_cache"]
 
 
 class MimFastExtensionWarning(UserWarning):
@@ -43,3 +43,16 @@ elif C.build_info()["torch_version"] != torch.__version__:
 def build_info():
     """How mim_fast._C was built (dict), or None when it is not loaded."""
     return None if C is None else dict(C.build_info())
+
+
+def cpu_cache_info():
+    """The CPU kernels' pool of recycled large output buffers (∂L/∂x, ∂L/∂h, saved h; ≥ 8 MiB each):
+    dict of idle_bytes / idle_blocks kept for reuse, cap_bytes (MIM_FAST_CPU_CACHE_MB, default 512 MiB;
+    0 = no pool), and hits / misses so far. None when the extension is not loaded."""
+    return None if C is None else dict(C.cpu_cache_info())
+
+
+def empty_cpu_cache() -> int:
+    """Free the idle buffers of the CPU pool (like torch.cuda.empty_cache); returns the bytes freed.
+    Buffers still held by live tensors return to the pool when those tensors die."""
+    return 0 if C is None else int(C.cpu_cache_empty())
