@@ -28,6 +28,10 @@ def main(argv=None) -> int:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .profile import add_arguments as profile_arguments
+
+    profile_arguments(sub.add_parser("profile", help="torch.profiler traces of the training step, eager vs fused: "
+                                     "top ops, time per named range, launches per step"))
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import main as info_main
@@ -35,6 +39,10 @@ def main(argv=None) -> int:
         return info_main()
     if args.command == "train":
         return _train(args)
+    if args.command == "profile":
+        from .profile import main as profile_main
+
+        return profile_main(args)
     if args.command == "demo":
         from .demo import main as demo_main
 
