@@ -34,4 +34,10 @@ for b in benchmarks/bench_*.py; do
   "$PY" -m pytest -q "$b" -p no:cacheprovider --benchmark-json="$OUT/$name.json" \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name 2>&1 | tee "$OUT/$name.log"
 done
+step "profile of the training step, eager vs fused (B=16 and B=256; traces not kept: summaries and reports)"
+for B in 16 256; do
+  "$PY" -m mim_fast profile --device cuda --batch-size $B --steps 5 --warmup 3 --out "$OUT/profile_B$B" \
+    2>&1 | tee "$OUT/profile_B$B.log"
+  rm -f "$OUT/profile_B$B"/trace_*.json
+done
 step "done"

@@ -20,6 +20,7 @@ https://ui.perfetto.dev or chrome://tracing) and ``summary.json`` to ``--out``, 
 and a side-by-side line, eager vs fused. The step is :func:`mim_fast.train.train_step` itself.
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -179,6 +180,7 @@ def profile(modes, *, device: torch.device, batch_size: int = 16, steps: int = 5
         results[r.label] = res
     summary = {
         "command": "mim-fast profile",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device) if device.type != "cuda" else "%s (%s)" % (device, torch.cuda.get_device_name(device)),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "config": {**shape, "dims": list(dims), "steps": steps, "warmup": warmup, "modes": list(modes),
