@@ -29,6 +29,13 @@ step "GPU tests (CUDA and compiled-Triton backends vs the reference, opcheck, co
 step "mim-fast bench --quick (copy bandwidth; gate, KGS, training step; fp32 and bf16)"
 "$PY" -m mim_fast bench --quick --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
 
+step "profile of the training step, eager vs fused (B=16 and B=256; traces not kept: summaries and reports)"
+for B in 16 256; do
+  "$PY" -m mim_fast profile --device cuda --batch-size $B --steps 5 --warmup 3 --out "$OUT/profile_B$B" \
+    2>&1 | tee "$OUT/profile_B$B.log"
+  rm -f "$OUT/profile_B$B"/trace_*.json
+done
+
 step "torch.compile max-autotune at the H100 target shapes (last: a slow autotune only costs this step)"
 timeout 240 "$PY" -m mim_fast bench --ops gate,kgs --dtypes fp32 --gate-shapes 50x2048x768 --kgs-shapes 4096x768,65536x80 \
   --providers eager,compile,compile-max-autotune,triton,cuda --out "$OUT/bench_max_autotune" 2>&1 \

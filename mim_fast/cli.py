@@ -29,8 +29,11 @@ def main(argv=None) -> int:
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     from . import bench
+    from .profile import add_arguments as profile_arguments
 
     bench.add_parser(sub)
+    profile_arguments(sub.add_parser("profile", help="torch.profiler traces of the training step, eager vs fused: "
+                                     "top ops, time per named range, launches per step"))
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import main as info_main
@@ -40,6 +43,10 @@ def main(argv=None) -> int:
         return _train(args)
     if args.command == "bench":
         return bench.main(args)
+    if args.command == "profile":
+        from .profile import main as profile_main
+
+        return profile_main(args)
     if args.command == "demo":
         from .demo import main as demo_main
 

@@ -31,6 +31,7 @@ from . import data as data_lib
 from . import metrics as metrics_lib
 from .nn import MIM, ModalitySpec
 from .ops import gate_noise, kgs_loss
+from .profiling import named_range
 
 __all__ = ["TrainConfig", "Batch", "batches", "load_for_training", "run", "build_model", "train_step", "evaluate",
            "RunFolderExists"]
@@ -154,13 +155,17 @@ def _autocast(config: TrainConfig, device: torch.device):
 def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, device: torch.device):
     """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B)."""
     inputs, lengths, y = batch.inputs, batch.lengths, batch.labels
+    with named_range("mim/gate_noise"):
+        noise = _noise(model, batch, noise_seed)
     with _autocast(config, device):
-        out = model(inputs, lengths, noise=_noise(model, batch, noise_seed))
-    kgs = kgs_loss(out.yk.float(), out.yu.float(), y, out.purified.float(), per_sample=config.per_sample,
-                   kd_scale=config.kd_scale, kd_divide_T=config.kd_divide_T, backend=config.backend)
-    task = (out.prediction.float() - y).abs().mean()
-    loss_a = config.penalty_weight * out.penalty.float().sum() + kgs.masked
-    loss_b = kgs.unmasked + kgs.inter + kgs.intra + task
+        out = model(inputs, lengths, noise=noise)
+    with named_range("mim/kgs_loss"):
+        kgs = kgs_loss(out.yk.float(), out.yu.float(), y, out.purified.float(), per_sample=config.per_sample,
+                       kd_scale=config.kd_scale, kd_divide_T=config.kd_divide_T, backend=config.backend)
+    with named_range("mim/task_loss"):
+        task = (out.prediction.float() - y).abs().mean()
+        loss_a = config.penalty_weight * out.penalty.float().sum() + kgs.masked
+        loss_b = kgs.unmasked + kgs.inter + kgs.intra + task
     return out, kgs, task, loss_a, loss_b
 
 
@@ -182,22 +187,24 @@ class Optimizers:
 
     def step(self, loss_a: torch.Tensor, loss_b: torch.Tensor) -> None:
         sc = self.scaler
-        if self.config.optimizer == "joint":
-            grads = [torch.autograd.grad(sc.scale(loss_a + loss_b), self.params, allow_unused=True)]
-            groups = [self.params]
-        else:
-            # Both gradient sets from the same graph before either step: the released code's in-place
-            # order (step A, then backward B through the updated weights) fails on PyTorch >= 1.5.
-            grads = [torch.autograd.grad(sc.scale(loss_a), self.upn, retain_graph=True, allow_unused=True),
-                     torch.autograd.grad(sc.scale(loss_b), self.params, allow_unused=True)]
-            groups = [self.upn, self.params]
-        for opt, params, gs in zip(self.opts, groups, grads):
-            for p, g in zip(params, gs):
-                p.grad = None if g is None else g.detach()
-            sc.step(opt)
-            for p in params:
-                p.grad = None
-        sc.update()
+        with named_range("mim/backward"):
+            if self.config.optimizer == "joint":
+                grads = [torch.autograd.grad(sc.scale(loss_a + loss_b), self.params, allow_unused=True)]
+                groups = [self.params]
+            else:
+                # Both gradient sets from the same graph before either step: the released code's in-place
+                # order (step A, then backward B through the updated weights) fails on PyTorch >= 1.5.
+                grads = [torch.autograd.grad(sc.scale(loss_a), self.upn, retain_graph=True, allow_unused=True),
+                         torch.autograd.grad(sc.scale(loss_b), self.params, allow_unused=True)]
+                groups = [self.upn, self.params]
+        with named_range("mim/optimizer"):
+            for opt, params, gs in zip(self.opts, groups, grads):
+                for p, g in zip(params, gs):
+                    p.grad = None if g is None else g.detach()
+                sc.step(opt)
+                for p in params:
+                    p.grad = None
+            sc.update()
 
     def state_dict(self):
         return {"opts": [o.state_dict() for o in self.opts], "scaler": self.scaler.state_dict()}

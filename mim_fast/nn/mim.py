@@ -12,6 +12,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from ..profiling import named_range
 from .encoders import BertEncoder, SequenceEncoder, WordEncoder
 from .fusion import Fusion
 from .purification import MaskLearner
@@ -118,19 +119,30 @@ class MIM(nn.Module):
             if spec.name not in inputs:
                 raise ValueError("inputs is missing modality %r (expected keys %s)" % (spec.name, self.names))
             lens = lengths.get(spec.name)
-            enc = self.encoders[spec.name](inputs[spec.name], lens)
+            with named_range("mim/encoder/" + spec.name):
+                enc = self.encoders[spec.name](inputs[spec.name], lens)
             x = enc.sequence
             T, B = x.shape[0], x.shape[1]
             gate_seed = None if seed is None or spec.name in noise else seed
-            out = self.masks[spec.name](x, lens, noise=noise.get(spec.name), seed=gate_seed,
-                                        offset=i * B * T if gate_seed is not None else 0)
-            head = self.heads[spec.name]
-            ks.append(out.pooled)
-            us.append(enc.pooled)
-            yks.append(head(out.pooled).squeeze(-1))
-            yus.append(head(enc.pooled).squeeze(-1))
+            # The mask learner's forward in its two parts, so that a profile tells the BiLSTM and MLPs
+            # from the fused gate (MaskLearner.forward is exactly these two calls).
+            mask = self.masks[spec.name]
+            with named_range("mim/mask_learner/" + spec.name):
+                logit = mask.gate_logits(x)
+            with named_range("mim/gate/" + spec.name):
+                out = mask.mask(x, logit, lens, noise=noise.get(spec.name), seed=gate_seed,
+                                offset=i * B * T if gate_seed is not None else 0)
+            with named_range("mim/heads"):
+                head = self.heads[spec.name]
+                ks.append(out.pooled)
+                us.append(enc.pooled)
+                yks.append(head(out.pooled).squeeze(-1))
+                yus.append(head(enc.pooled).squeeze(-1))
             pens.append(out.penalty)
             gates.append(out.gate)
-            logits.append(out.logits)
-        return MIMOutput(self.fusion(ks), torch.stack(yks), torch.stack(yus), torch.stack(ks), torch.stack(us),
-                         torch.stack(pens), gates, logits)
+            logits.append(logit)
+        with named_range("mim/fusion"):
+            prediction = self.fusion(ks)
+        with named_range("mim/heads"):
+            return MIMOutput(prediction, torch.stack(yks), torch.stack(yus), torch.stack(ks), torch.stack(us),
+                             torch.stack(pens), gates, logits)
