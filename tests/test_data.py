@@ -513,6 +513,27 @@ def test_synthetic_is_deterministic():
     assert d.dev.index[0].item() == 60 and d.test.index[0].item() == 80
 
 
+def test_synthetic_contiguous_impurity_is_one_stretch_per_sample():
+    kw = dict(n_train=200, n_dev=5, n_test=5, T=(13, 9, 20), dims=(7, 5, 3), impurity=(0.3, 0.5, 1.0),
+              min_length=(0, 1, 4), seed=int(torch.randint(0, 2**31, ())))
+    ds = synthetic(**kw, contiguous=True)
+    scattered = synthetic(**kw)
+    starts = []
+    for m in MODALITIES:
+        mask, L = ds.train.impurity[m].numpy(), ds.train.lengths[m].numpy()
+        assert torch.equal(ds.train.lengths[m], scattered.train.lengths[m])
+        assert (mask.sum(1) == scattered.train.impurity[m].numpy().sum(1)).all()  # the same count per sample
+        for row, n in zip(mask, L):
+            idx = np.flatnonzero(row)
+            assert (idx < n).all()
+            if idx.size:
+                assert (np.diff(idx) == 1).all()  # one contiguous run
+                if n > idx.size:  # the start is free in [0, n - size]: its relative position
+                    starts.append(idx[0] / (n - idx.size))
+    assert 0.3 < np.mean(starts) < 0.7  # start positions spread over the sequence, not pinned to one end
+    assert torch.equal(ds.train.labels, scattered.train.labels)  # only the masks (and features) move
+
+
 def test_synthetic_shapes_labels_and_impurity():
     ds = synthetic(n_train=300, n_dev=40, n_test=50, T=(13, 9, 20), dims=(7, 5, 3),
                    impurity=(0.3, 0.5, 0.0), min_length=(13, 1, 4))

@@ -161,3 +161,17 @@ def test_cli_train_and_its_errors(tmp_path):
     res = subprocess.run(cmd[:4] + ["--data", str(tmp_path / "missing.pkl"), "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 2 and "missing.pkl" in res.stderr
+
+
+def test_purification_network_closes_impure_steps_more_often_than_clean_ones(tmp_path):
+    """The UPN learns to purify: a small version of the demo (its defaults, smaller data and model, seed 0,
+    ~10 s on 2 cores). Measured at the last epoch: text closes 0.50 of the impure steps and 0.09 of the
+    clean ones; with MIM's penalty weight 0.1 instead of the demo's 1.0 no gate closes (0.00/0.00), so a
+    regression in the gate's gradients, the two-phase step or the demo defaults fails here."""
+    syn = {**T.DEMO_SYNTHETIC, "n_train": 600, "n_dev": 100, "n_test": 200, "T": 12, "dims": [12, 8, 8]}
+    cfg = T.TrainConfig(out=str(tmp_path / "run"), synthetic=syn, d_model=16, heads=2, epochs=20, lr=3e-3, seed=0)
+    result = T.run(cfg, progress=False, log=lambda *a: None)
+    assert result["best"]["test"]["mae"] < 0.6 * result["baseline"]["mae"]
+    text = result["history"][-1]["test"]["purification"]["text"]
+    assert text["closed_impure"] >= 0.3 and text["closed_clean"] <= 0.2, text
+    assert text["difference"] >= 0.25, text

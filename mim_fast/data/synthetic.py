@@ -55,7 +55,8 @@ def _per_modality(name: str, value: PerModality, kind=float) -> Dict[str, object
 def synthetic(n_train: int = 2000, n_dev: int = 400, n_test: int = 400, T: PerModality = 20,
               dims: PerModality = (32, 16, 16), impurity: PerModality = 0.3, seed: int = 0, *,
               strength: PerModality = (0.8, 0.5, 0.35), noise: float = 1.0, label_noise: float = 0.1,
-              min_length: Optional[PerModality] = None, marker: PerModality = 0.0) -> MultimodalData:
+              min_length: Optional[PerModality] = None, marker: PerModality = 0.0,
+              contiguous: bool = False) -> MultimodalData:
     """Generate the synthetic dataset (see the module docstring for the model).
 
     Args:
@@ -72,7 +73,12 @@ def synthetic(n_train: int = 2000, n_dev: int = 400, n_test: int = 400, T: PerMo
         marker: 0 (default) keeps impure steps indistinguishable step by step; a value c > 0 adds c·w_m
             to every impure step, w_m a fixed random unit direction orthogonal to u_m — a signature the
             impurity carries, as background speech or a sensor fault has its own spectrum — so a
-            per-step mask learner can spot it (``mim-fast train``'s demo uses this).
+            per-step mask learner can spot it (``mim-fast train``'s demo uses 3.0).
+        contiguous: False (default) scatters the impure steps at random valid positions; True makes them
+            one run of consecutive steps per sample at a uniform random start (the "off-topic stretch"
+            above; same count per sample, same random stream). The demo uses True: its encoders mix
+            neighbouring steps (Conv1d k=3), so a scattered impure step is mostly clean context after
+            encoding, while a stretch stays impure inside.
 
     Returns a :class:`MultimodalData` with float text features, impurity masks on every split, and
     ``meta`` holding the parameters and the directions u_m (``meta["directions"][m]``, float64 (d_m,)).
@@ -138,7 +144,15 @@ def synthetic(n_train: int = 2000, n_dev: int = 400, n_test: int = 400, T: PerMo
             keys = np.where(valid, rng.random((n, Tm)), np.inf)
             ranks = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
             n_impure = np.round(imp[m] * length).astype(np.int64)
-            mask = (ranks < n_impure[:, None]) & valid
+            if contiguous:
+                # one run of n_impure consecutive steps at a uniform start in [0, length - n_impure], the
+                # start drawn from the same keys (so the random stream, and every other number, is unchanged)
+                u0 = np.where(valid[:, 0], keys[:, 0], 0.0) if Tm else np.zeros(n)
+                first = np.minimum(np.floor(u0 * (length - n_impure + 1)).astype(np.int64), length - n_impure)
+                pos = np.arange(Tm)[None, :]
+                mask = (pos >= first[:, None]) & (pos < (first + n_impure)[:, None]) & valid
+            else:
+                mask = (ranks < n_impure[:, None]) & valid
             latent = np.where(mask, rng.uniform(-3.0, 3.0, (n, 1)), z[:, None])
             x = ss[m] * latent[:, :, None] * directions[m][None, None, :]
             x = x + noise * rng.standard_normal((n, Tm, dm))
