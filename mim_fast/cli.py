@@ -21,6 +21,9 @@ def main(argv=None) -> int:
     tr.add_argument("--routing", choices=["per-sample", "batch"], help="KGS routing (batch = the released code)")
     tr.add_argument("--optimizer", choices=["two-phase", "joint"])
     tr.add_argument("--eval-gate", choices=["expected", "sample"], help="gates in evaluation (sample = published)")
+    tr.add_argument("--penalty-weight", type=float,
+                    help="weight of the gate penalty in the mask learners' update (MIM: 0.1; the demo: 1.0)")
+    tr.add_argument("--mask-ratio", type=int, help="the mask learner's time bottleneck T/ratio (MIM: 5; the demo: 1)")
     tr.add_argument("--amp", choices=["none", "bf16", "fp16"])
     tr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     tr.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda", "triton"])
@@ -60,7 +63,7 @@ def _train(args) -> int:
 
     config = TrainConfig(data=args.data, out=args.out)
     for name in ("epochs", "batch_size", "lr", "seed", "d_model", "fusion", "optimizer", "eval_gate", "amp", "device",
-                 "backend", "bert_path"):
+                 "backend", "bert_path", "penalty_weight", "mask_ratio"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

@@ -40,6 +40,10 @@ __all__ = ["TrainConfig", "Batch", "batches", "load_for_training", "run", "build
 # The synthetic data of the default run (the demo): impure steps form one contiguous stretch per sample
 # and carry a marker, see DEMO DEVIATIONS in TrainConfig's docstring.
 DEMO_SYNTHETIC = {"marker": 3.0, "contiguous": True}
+# The demo's values of the two settings it changes (TrainConfig's DEMO DEVIATIONS), and MIM's, used on
+# real data: a config leaving them at None gets the set that matches its data.
+DEMO_DEFAULTS = {"penalty_weight": 1.0, "mask_ratio": 1}
+MIM_DEFAULTS = {"penalty_weight": 0.1, "mask_ratio": 5}
 
 
 @dataclass
@@ -48,15 +52,17 @@ class TrainConfig:
 
     DEMO DEVIATIONS from MIM. The defaults are MIM's except where its settings demonstrably keep the
     purification network (UPN) from learning on the demo's scale (~750 steps on the synthetic data);
-    each was measured (README, "What the demo shows"):
+    each was measured (README, "What the demo shows"). ``penalty_weight`` and ``mask_ratio`` left at None
+    are resolved from ``data`` when the config is made: the demo's values on "synthetic", MIM's (0.1 and
+    5) on a dataset pickle, so real-data runs train as published unless asked otherwise.
 
-    * ``penalty_weight = 1.0`` (MIM: 0.1). Both gradient sets push every gate open: closing any step shrinks
+    * ``penalty_weight = 1.0`` on the demo (MIM: 0.1). Both gradient sets push every gate open: closing any step shrinks
       the pooled k_m = (1/T)·Σ_t φ(x_t·z_t), so ∂masked/∂c and ∂(task + KGS)/∂c are negative on average
       over all steps, impure ones included. At 0.1 the penalty's gradient per logit is ~10× smaller than
       that common push, the logits drift up (demo data, penalty 0.1: text's a from 3 to ≈5 in 150 steps),
       the gates saturate open and no step closes. At 1.0 it outweighs the push on impure steps, where the
       task gradient is weak or says "close", but not on clean ones (2.0 closes clean steps too).
-    * ``mask_ratio = 1`` (MIM: 5). The mask learner maps per-step scores to logits with an MLP across
+    * ``mask_ratio = 1`` on the demo (MIM: 5). The mask learner maps per-step scores to logits with an MLP across
       time, T → T/ratio → T. At the demo's T = 20 a ratio of 5 leaves 4 units, too few to close a
       stretch at an arbitrary position (a supervised probe on the true masks reaches 98% step accuracy in
       200 steps with ratio 1, ~90% in 300 with ratio 5).
@@ -88,10 +94,12 @@ class TrainConfig:
     per_sample: bool = True          # KGS routing per sample (paper) or by batch means (released code)
     kd_scale: float = 10.0
     kd_divide_T: bool = False
-    penalty_weight: float = 1.0      # weight of Σ_m P_m in phase A (MIM: 0.1; see DEMO DEVIATIONS below)
+    penalty_weight: Optional[float] = None  # weight of Σ_m P_m in phase A; None: 1.0 on the synthetic demo,
+                                     # MIM's 0.1 on a pickle (see DEMO DEVIATIONS)
     loc_bias: float = 3.0            # the gate's a = g + loc_bias (MIM: 3, i.e. gates start open)
     gate_penalty: str = "mim"        # "mim" (P(c > 0), published) or "threshold" (P(c > τ))
-    mask_ratio: int = 1              # the mask learner's time bottleneck T → T/ratio → T (MIM: 5; see below)
+    mask_ratio: Optional[int] = None  # the mask learner's time bottleneck T → T/ratio → T; None: 1 on the
+                                     # synthetic demo, MIM's 5 on a pickle (see DEMO DEVIATIONS)
     mask_score_bias: Optional[float] = 0.1  # initial bias of the score unit (pooler3[2]); None = PyTorch's
                                      # default init (MIM; its ReLU can start dead, see below)
     optimizer: str = "two-phase"     # or "joint"
@@ -105,6 +113,17 @@ class TrainConfig:
                                      # options (replaces DEMO_SYNTHETIC as a whole when given)
     max_len: int = 50                # MAG-BERT pickles: pad/truncate to this many words
     bert_path: Optional[str] = None  # a local Hugging Face BERT for token-id text (else a learned embedding)
+
+    def __post_init__(self):
+        demo = self.data == "synthetic"
+        defaults = DEMO_DEFAULTS if demo else MIM_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if not (isinstance(self.mask_ratio, int) and self.mask_ratio >= 1):
+            raise ValueError("mask_ratio must be an integer >= 1, got %r" % (self.mask_ratio,))
+        if not self.penalty_weight >= 0:
+            raise ValueError("penalty_weight must be >= 0, got %r" % (self.penalty_weight,))
 
 
 class RunFolderExists(RuntimeError):

@@ -175,3 +175,14 @@ def test_purification_network_closes_impure_steps_more_often_than_clean_ones(tmp
     text = result["history"][-1]["test"]["purification"]["text"]
     assert text["closed_impure"] >= 0.3 and text["closed_clean"] <= 0.2, text
     assert text["difference"] >= 0.25, text
+
+
+def test_demo_deviations_apply_to_the_synthetic_demo_only():
+    demo, real = T.TrainConfig(), T.TrainConfig(data="mosi.pkl")
+    assert (demo.penalty_weight, demo.mask_ratio) == (1.0, 1)
+    assert (real.penalty_weight, real.mask_ratio) == (0.1, 5)  # MIM's, on real data
+    assert T.TrainConfig(data="mosi.pkl", penalty_weight=0.5, mask_ratio=2).mask_ratio == 2
+    with pytest.raises(ValueError, match="mask_ratio"):
+        T.TrainConfig(mask_ratio=0)
+    with pytest.raises(ValueError, match="penalty_weight"):
+        T.TrainConfig(penalty_weight=-1.0)
