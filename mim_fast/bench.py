@@ -18,8 +18,9 @@ Cases (the minimal bytes each moves are in the kernels' docstrings and in :func:
                          torch.compile is not offered for it (two autograd.grad calls and two optimizers)
 
 Timing: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, warm-up; median and
-p20/p80 over ~100 ms of calls); on a CPU a repeat-and-median timer (warm-up calls, then at least
-``min_reps`` calls and ``min_time`` seconds). Peak memory is the most memory the step allocated above what
+p20/p80 over 50 ms (--quick) or 200 ms of calls); on a CPU a repeat-and-median timer that runs the
+providers of a case round-robin, one call each per round (warm-up rounds, then at least 5 rounds and
+0.2 s (--quick) or 1 s per provider), so that a slow phase of a shared machine hits all of them alike. Peak memory is the most memory the step allocated above what
 was live before it: ``torch.cuda.max_memory_allocated`` on a GPU, the profiler's allocation events on a
 CPU. %BW is GB/s over the device-to-device copy bandwidth measured at the start of the same run.
 
@@ -146,15 +147,7 @@ def _quantiles(times: List[float]) -> Tuple[float, float, float]:
 def time_cpu(fn: Callable[[], None], *, min_reps: int = 5, max_reps: int = 200, min_time: float = 0.3,
              warmup: int = 2) -> Tuple[float, float, float]:
     """(median, p20, p80) seconds of fn() on the host clock, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times: List[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return _quantiles(times)
+    return time_cpu_interleaved([fn], min_reps=min_reps, max_reps=max_reps, min_time=min_time, warmup=warmup)[0]
 
 
 def time_cuda(fn: Callable[[], None], *, rep_ms: int = 100) -> Tuple[float, float, float]:
@@ -210,9 +203,8 @@ def peak_memory(fn: Callable[[], None], device: str) -> Optional[int]:
 # ---------------------------------------------------------------------------------------------------- cases
 
 def _compiled(fn: Callable, mode: str) -> Callable:
-    """A fresh torch.compile of fn for one case: static shapes (what a training loop at a fixed shape gets),
-    and dynamo's caches reset so that no earlier case's recompile count sends this one back to eager."""
-    torch._dynamo.reset()
+    """torch.compile of fn for one case, with static shapes (what a training loop at a fixed shape gets);
+    run_group resets dynamo's caches per case, so no earlier case's recompiles send this one to eager."""
     return torch.compile(fn, mode=mode, dynamic=False)
 
 
@@ -352,32 +344,81 @@ def _make_step(op, pass_, shape, dtype, provider, device):
     return _train_step(provider, shape["B"], dtype, torch.device(device))
 
 
-def run_case(op, pass_, shape, dname, dtype, size, provider, device, copy_gbps, *, quick: bool) -> Row:
-    row = Row(op=op, pass_=pass_, shape=dict(shape), dtype=dname, provider=provider, device=device, size=size,
-              bytes=minimal_bytes(op, pass_, shape, dtype))
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    try:
-        step = _make_step(op, pass_, shape, dtype, provider, device)
+def time_cpu_interleaved(fns: Sequence[Callable[[], None]], *, min_reps: int = 5, max_reps: int = 200,
+                         min_time: float = 0.3, warmup: int = 2) -> List[Tuple[float, float, float]]:
+    """(median, p20, p80) seconds per function, timed round-robin (one call of each per round) so that a
+    slow phase of a shared machine hits every provider alike instead of whichever ran during it."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < min_time * len(fns)):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        rounds += 1
+    return [_quantiles(ts) for ts in times]
 
-        def synced():
-            step()
-            sync()
-        synced()  # compilation, autotuning, first-touch of memory
-        if device == "cuda":
-            med, p20, p80 = time_cuda(step, rep_ms=50 if quick else 200)
-        else:
-            slow = op == "train_step" and shape["B"] > 64
-            med, p20, p80 = time_cpu(synced, min_reps=3 if slow else 5, min_time=0.2 if quick else 1.0,
-                                     warmup=1 if slow else 2)
+
+def _record_error(row: Row) -> None:
+    exc = sys.exc_info()[1]
+    row.error = "%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    row.traceback = traceback.format_exc()
+
+
+def run_group(op, pass_, shape, dname, dtype, size, providers: Sequence[str], device, copy_gbps, *,
+              quick: bool) -> List[Row]:
+    """Every provider of one case: built and warmed up (compiled) one after the other, then timed — on a
+    CPU round-robin, on a GPU one after the other with CUDA events — then their peak memory."""
+    torch._dynamo.reset()  # a clean compile cache per case: no earlier case's recompiles count against it
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows, live = [], []
+    for provider in providers:
+        row = Row(op=op, pass_=pass_, shape=dict(shape), dtype=dname, provider=provider, device=device, size=size,
+                  bytes=minimal_bytes(op, pass_, shape, dtype))
+        rows.append(row)
+        try:
+            step = _make_step(op, pass_, shape, dtype, provider, device)
+
+            def synced(step=step):
+                step()
+                sync()
+            synced()  # compilation, autotuning, first touch of memory
+            live.append((row, step, synced))
+        except Exception:  # noqa: BLE001 — recorded in the row, reported, and the exit status
+            _record_error(row)
+    timed = []
+    if device == "cuda":
+        for row, step, synced in live:
+            try:
+                timed.append((row, synced, time_cuda(step, rep_ms=50 if quick else 200)))
+            except Exception:  # noqa: BLE001
+                _record_error(row)
+    elif live:
+        slow = op == "train_step" and shape["B"] > 64
+        try:
+            stats = time_cpu_interleaved([f for _, _, f in live], min_reps=3 if slow else 5,
+                                         min_time=0.2 if quick else 1.0, warmup=1 if slow else 2)
+            timed = [(row, f, st) for (row, _, f), st in zip(live, stats)]
+        except Exception:  # noqa: BLE001 — which provider failed: time them one by one
+            for row, _, f in live:
+                try:
+                    timed.append((row, f, time_cpu_interleaved([f], min_reps=3, min_time=0.0, warmup=0)[0]))
+                except Exception:  # noqa: BLE001
+                    _record_error(row)
+    for row, synced, (med, p20, p80) in timed:
         row.median_ms, row.p20_ms, row.p80_ms = med * 1e3, p20 * 1e3, p80 * 1e3
-        row.peak_mem_bytes = peak_memory(synced, device)
+        try:
+            row.peak_mem_bytes = peak_memory(synced, device)
+        except Exception:  # noqa: BLE001
+            _record_error(row)
         if row.bytes:
             row.gbps = row.bytes / med / 1e9
             row.pct_copy_bw = 100.0 * row.gbps / copy_gbps if copy_gbps else None
-    except Exception as exc:  # noqa: BLE001 — recorded in the row, reported, and the exit status
-        row.error = "%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        row.traceback = traceback.format_exc()
-    return row
+    return rows
 
 
 def _ratios(rows: List[Row]) -> None:
@@ -576,14 +617,17 @@ def main(args) -> int:
     rows: List[Row] = []
     t_start = time.perf_counter()
     for op, pass_, shape, dname, dtype, size in _cases(sweep, ops, dtypes):
+        runnable = []
         for provider, reason in _providers(op, device, dtype, providers):
             if reason:
                 rows.append(Row(op=op, pass_=pass_, shape=dict(shape), dtype=dname, provider=provider, device=device,
                                 size=size, skipped=reason))
-                continue
-            row = run_case(op, pass_, shape, dname, dtype, size, provider, device, copy["copy_GBps"], quick=args.quick)
+            else:
+                runnable.append(provider)
+        for row in run_group(op, pass_, shape, dname, dtype, size, runnable, device, copy["copy_GBps"],
+                             quick=args.quick):
             rows.append(row)
-            print("  %-44s %-21s %s" % (row.case, provider, "ERROR " + row.error if row.error else
+            print("  %-44s %-21s %s" % (row.case, row.provider, "ERROR " + row.error if row.error else
                                         "%10.3f ms" % row.median_ms), flush=True)
     _ratios(rows)
     meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)

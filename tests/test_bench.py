@@ -37,6 +37,14 @@ def test_time_cpu_quantiles_are_ordered_and_count_calls():
     assert len(calls) == 2 + 7
 
 
+def test_interleaved_timer_alternates_providers():
+    calls = []
+    stats = bench.time_cpu_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], min_reps=4,
+                                       min_time=0.0, warmup=1)
+    assert calls == ["a", "b"] * 5  # one warm-up round, then rounds of one call each
+    assert len(stats) == 2 and all(p20 <= med <= p80 for med, p20, p80 in stats)
+
+
 def test_peak_memory_sees_a_temporary_on_cpu():
     n = int(torch.randint(2_000_000, 3_000_000, ()).item())
 
