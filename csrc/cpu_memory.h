@@ -48,6 +48,8 @@ class LargeBufferPool final : public c10::Allocator {
           idle_.erase(it);
           idle_bytes_ -= size;
           ++hits_;
+          live_bytes_ += size;
+          report(b->ptr, static_cast<int64_t>(size));
           return {b->ptr, b, &LargeBufferPool::release, c10::Device(c10::DeviceType::CPU)};
         }
       }
@@ -66,6 +68,11 @@ class LargeBufferPool final : public c10::Allocator {
     if (!no_huge_pages_) (void)madvise(p, size, MADV_HUGEPAGE);
 #endif
     Block* b = new Block{p, size};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      live_bytes_ += size;
+      report(p, static_cast<int64_t>(size));
+    }
     return {p, b, &LargeBufferPool::release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -117,10 +124,21 @@ class LargeBufferPool final : public c10::Allocator {
     delete b;
   }
 
+  // Tells torch.profiler(profile_memory=True) about a buffer handed out (+) or given back (−), as torch's
+  // own CPU allocator does, so memory profiles and peak-memory figures see the pooled outputs. Under mu_.
+  void report(void* p, int64_t delta) {
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(p, delta, live_bytes_, live_bytes_ + idle_bytes_,
+                                       c10::Device(c10::DeviceType::CPU));
+    }
+  }
+
   void put(const Block& b) {
     std::deque<Block> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      live_bytes_ -= b.size;
+      report(b.ptr, -static_cast<int64_t>(b.size));
       if (b.size > cap_) {
         drop.push_back(b);
       } else {
@@ -138,7 +156,7 @@ class LargeBufferPool final : public c10::Allocator {
 
   std::mutex mu_;
   std::deque<Block> idle_;
-  size_t idle_bytes_ = 0, cap_ = 0, hits_ = 0, misses_ = 0;
+  size_t idle_bytes_ = 0, live_bytes_ = 0, cap_ = 0, hits_ = 0, misses_ = 0;
   bool no_huge_pages_ = false;
 };
 
