@@ -20,9 +20,10 @@ Cases (the minimal bytes each moves are in the kernels' docstrings and in :func:
 Timing: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, warm-up; median and
 p20/p80 over 50 ms (--quick) or 200 ms of calls); on a CPU a repeat-and-median timer that runs the
 providers of a case round-robin, one call each per round (warm-up rounds, then at least 5 rounds and
-0.2 s (--quick) or 1 s per provider), so that a slow phase of a shared machine hits all of them alike. Peak memory is the most memory the step allocated above what
-was live before it: ``torch.cuda.max_memory_allocated`` on a GPU, the profiler's allocation events on a
-CPU. %BW is GB/s over the device-to-device copy bandwidth measured at the start of the same run.
+0.2 s (--quick) or 1 s per provider), so that a slow phase of a shared machine hits all of them alike.
+Peak memory is the most the step held at once of what it allocated itself, from the profiler's allocation
+events (frees of older buffers, e.g. the previous step's gradients, are not subtracted). %BW is GB/s over
+the device-to-device copy bandwidth measured at the start of the same run.
 
 Output: a markdown table on stdout and in OUT/bench.md, OUT/bench.json (machine, GPU, versions, commit,
 time, copy bandwidth, every row), and — when matplotlib is installed — OUT/time.png (median time vs size
@@ -173,30 +174,33 @@ def time_cuda(fn: Callable[[], None], *, rep_ms: int = 100) -> Tuple[float, floa
 
 
 def peak_memory(fn: Callable[[], None], device: str) -> Optional[int]:
-    """Most bytes fn() had allocated at once above what was live before it (torch allocations only)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+    """Most bytes fn() held at once on the device of what it allocated itself (torch allocations, from the
+    profiler's allocation events; the same rule on a CPU and a GPU)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
         fn()
-    allocs: List[Tuple[int, int]] = []
+    events: List[Tuple[int, int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         e = stack.pop()
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == device:
+            events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.ptr))
         stack.extend(e.children)
+    # Only memory allocated inside fn counts: a free of a buffer from before (e.g. the previous step's
+    # .grad, dropped at the start of this one) is not subtracted — the profiler cannot size those for
+    # torch's allocator, and counting them for some allocators only would make providers incomparable.
+    live: Dict[int, int] = {}
     cur = peak = 0
-    for _, size in sorted(allocs):
-        cur += size
-        peak = max(peak, cur)
+    for _, size, ptr in sorted(events, key=lambda ev: ev[0]):
+        if size > 0:
+            live[ptr] = size
+            cur += size
+            peak = max(peak, cur)
+        elif ptr in live:
+            cur -= live.pop(ptr)
     return peak
 
 
