@@ -20,8 +20,8 @@ namespace mim_fast {
 // Why a pool. The CPU kernels' large outputs (∂L/∂x of the gate, ∂L/∂h and the saved h of the KGS loss:
 // tens of MB) are fresh buffers written once per step. glibc serves them with mmap and returns them to the
 // kernel on free, so every step pays a page fault and a kernel zero-fill per page before our write: on the
-// 2-core CI VM a 39 MB fill takes 24 ms into fresh memory and 3.7 ms into memory already touched — the
-// faults cost several times the writes themselves. Like the CUDA caching allocator, we keep freed large
+// 2-core CI VM a 39 MB fill takes 17 ms into fresh memory and 2 ms into memory already touched (one
+// thread; benchmarks/page_fault_cost.py) — the faults cost several times the writes themselves. Like the CUDA caching allocator, we keep freed large
 // buffers and hand them out again for a request of the same (2 MiB-rounded) size, which is what a training
 // loop at a fixed shape asks for every step. Bounded: at most MIM_FAST_CPU_CACHE_MB (default 512) MiB
 // are kept idle, the oldest released first; MIM_FAST_CPU_CACHE_MB=0 turns the pool off; and
