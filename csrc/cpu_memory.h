@@ -14,6 +14,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace mim_fast {
 
@@ -116,6 +119,11 @@ class LargeBufferPool final : public c10::Allocator {
     const char* mb = std::getenv("MIM_FAST_CPU_CACHE_MB");
     cap_ = (mb != nullptr ? static_cast<size_t>(std::strtoull(mb, nullptr, 10)) : size_t(512)) << 20;
     no_huge_pages_ = std::getenv("MIM_FAST_NO_HUGE_PAGES") != nullptr;
+#if defined(__unix__)
+    // fork() while another thread holds mu_ (a DataLoader forking as a pooled tensor dies) would leave the
+    // child's copy locked forever: hold it across the fork, release it on both sides.
+    pthread_atfork([] { get().mu_.lock(); }, [] { get().mu_.unlock(); }, [] { get().mu_.unlock(); });
+#endif
   }
 
   static void release(void* ctx) {
@@ -138,7 +146,6 @@ class LargeBufferPool final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mu_);
       live_bytes_ -= b.size;
-      report(b.ptr, -static_cast<int64_t>(b.size));
       if (b.size > cap_) {
         drop.push_back(b);
       } else {
@@ -150,6 +157,7 @@ class LargeBufferPool final : public c10::Allocator {
         idle_.push_back(b);
         idle_bytes_ += b.size;
       }
+      report(b.ptr, -static_cast<int64_t>(b.size));  // after the bookkeeping: totals include this block
     }
     for (const Block& d : drop) std::free(d.ptr);  // outside the lock
   }

@@ -133,3 +133,27 @@ def test_the_profiler_sees_pooled_buffers():
     _gate_grads(x, logits, noise)  # warm: the next call is served from the pool
     peak = bench.peak_memory(lambda: _gate_grads(x, logits, noise), "cpu")
     assert peak >= x.numel() * 4
+
+
+def _child_uses_pool(queue):
+    torch.set_num_threads(1)
+    x, logits, noise = _inputs()
+    gx, _ = _gate_grads(x, logits, noise)
+    queue.put(bool(torch.isfinite(gx).all()))
+
+
+def test_a_forked_child_can_use_the_pool():
+    import multiprocessing
+
+    x, logits, noise = _inputs()
+    held, _ = _gate_grads(x, logits, noise)  # the parent has used the pool (and holds a pooled buffer)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_uses_pool, args=(queue,))
+    child.start()
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung (a lock inherited in a locked state?)")
+    assert child.exitcode == 0 and queue.get(timeout=5) is True
+    assert torch.isfinite(held).all()

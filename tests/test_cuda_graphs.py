@@ -131,3 +131,17 @@ def test_kgs_loss_forward_backward_replays(backend):
         want = step()
         for g, w, name in zip(got, want, ("loss", "teacher", "alpha", "grad yk", "grad yu", "grad h")):
             torch.testing.assert_close(g, w, msg=lambda m: "%s: %s" % (name, m))
+
+
+def test_capture_rejects_what_a_graph_would_freeze_or_cannot_copy():
+    T, B, D = 7, 3, 5
+    x = torch.randn(T, B, D, device="cuda")
+    logits = torch.randn(B, T, device="cuda")
+    lengths_cpu = torch.full((B,), T)
+    mim_fast.purify_gate(x, logits, seed=1)  # warm-up outside capture
+    for kwargs, message in (({}, "noise= drawn inside the graph"),
+                            (dict(seed=1, lengths=lengths_cpu), "lengths must be on")):
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(ValueError, match=message):
+            with torch.cuda.graph(graph):
+                mim_fast.purify_gate(x, logits, **kwargs)

@@ -108,6 +108,15 @@ def purify_gate(
         if _checks.can_inspect_values(lengths) and not bool(((lengths >= 0) & (lengths <= T)).all()):
             raise ValueError("lengths must lie in [0, T=%d]; got min %d, max %d"
                              % (T, int(lengths.min()), int(lengths.max())))
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph would freeze a host-drawn seed into every replay, and cannot copy CPU lengths
+        if mode == "sample" and noise is None and seed is None:
+            raise ValueError("purify_gate under CUDA-graph capture: pass noise= drawn inside the graph (e.g. "
+                             "torch.rand(B, T, device='cuda')) for fresh noise per replay, or an explicit seed= "
+                             "to replay the same noise; a default seed would be drawn once, at capture")
+        if lengths is not None and lengths.device != x.device:
+            raise ValueError("purify_gate under CUDA-graph capture: lengths must be on %s (a CPU tensor "
+                             "needs a host-to-device copy, which capture forbids)" % x.device)
     if mode == "sample" and noise is None and seed is None:
         seed = reference.draw_seed()  # drawn here so every backend sees the same seed
 
@@ -127,6 +136,9 @@ def _fused(forward_op):
     def impl(x, logits, *, noise, seed, offset, mode, activation, penalty, lengths, batch_first, beta, gamma,
              zeta, loc_bias, threshold):
         xs = x.transpose(0, 1) if batch_first else x  # (T, B, D) view: kernels read through strides
+        if lengths is not None and lengths.device != x.device:
+            # once, here: the forward and the backward (which saves this tensor) then read it in place
+            lengths = lengths.to(x.device, torch.int64)
         pen_shift = beta * reference.penalty_log_ratio(penalty, gamma, zeta, threshold)
         out = forward_op(xs, logits, noise, lengths, 0 if seed is None else seed, offset, mode, activation,
                          loc_bias, beta, zeta - gamma, gamma, threshold, pen_shift)
