@@ -374,8 +374,16 @@ def test_fused_backend_matches_reference(backend, mode, activation, penalty, use
         torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)  # pooled
         torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-7)  # penalty
         torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-7)  # dx
+        # dlogits[b, t] sums D products dy·x that can cancel: its float32 rounding error scales with the
+        # sum of their magnitudes (the same chain with |x|, |G|, |w|, in float64), not with the result
+        abs_opts = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                    for k, v in noise_opts.items()}
+        terms = run_gate("torch", x.abs().double(), logits.double(), G.abs().double(), abs(w), **opts,
+                         **abs_opts)[4].abs()
         scale = float(ref[4].abs().max()) + 1e-3
-        torch.testing.assert_close(got[4], ref[4], rtol=1e-4, atol=1e-5 * scale)  # dlogits
+        err = (got[4].double() - ref[4].double()).abs()
+        tol = 1e-4 * ref[4].double().abs() + 1e-5 * scale + D ** 0.5 * 1e-6 * terms
+        assert bool((err <= tol).all()), ("dlogits", float((err - tol).max()), float(err.max()))
 
 
 @pytest.mark.parametrize("backend", FUSED)
