@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_memory.h"
 #include "kgs_math.h"
 
@@ -113,40 +114,10 @@ struct ForwardCpu {
 // single sum) with one fixed summation order at every vector width, so every ISA gives the same bits.
 constexpr int kLanes = 16;
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define KGS_ISA_DISPATCH 1
-#define KGS_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define KGS_ISA_DISPATCH 0
-#define KGS_ALWAYS_INLINE inline
-#endif
-
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-// The widest ISA here; MIM_FAST_CPU_ISA=default|avx2|avx512 caps it (as for the purification gate).
-Isa cpu_isa() {
-#if KGS_ISA_DISPATCH
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    Isa best = __builtin_cpu_supports("avx512f") ? Isa::kAvx512
-               : __builtin_cpu_supports("avx2")  ? Isa::kAvx2
-                                                 : Isa::kDefault;
-    const char* cap = std::getenv("MIM_FAST_CPU_ISA");
-    if (cap != nullptr) {
-      const std::string c(cap);
-      const Isa want = c == "avx512" ? Isa::kAvx512 : c == "avx2" ? Isa::kAvx2 : Isa::kDefault;
-      if (static_cast<int>(want) < static_cast<int>(best)) best = want;
-    }
-    return best;
-  }();
-  return isa;
-#else
-  return Isa::kDefault;
-#endif
-}
+// Isa, cpu_isa(), MIM_ISA_DISPATCH and MIM_ALWAYS_INLINE: cpu_isa.h (shared with the gate).
 
 template <typename A>
-KGS_ALWAYS_INLINE A sum_lanes(const A* lanes) {
+MIM_ALWAYS_INLINE A sum_lanes(const A* lanes) {
   A s = A(0);
   for (int l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
@@ -154,7 +125,7 @@ KGS_ALWAYS_INLINE A sum_lanes(const A* lanes) {
 
 // max_d x[d], x = h·inv_s. NaN elements are skipped here; they reach the sum of exponentials below.
 template <typename scalar_t, typename A>
-KGS_ALWAYS_INLINE A row_max(const scalar_t* __restrict__ row, int64_t sD, int64_t D, A inv_s) {
+MIM_ALWAYS_INLINE A row_max(const scalar_t* __restrict__ row, int64_t sD, int64_t D, A inv_s) {
   A lanes[kLanes];
   for (int l = 0; l < kLanes; ++l) lanes[l] = -static_cast<A>(INFINITY);
   int64_t d = 0;
@@ -177,7 +148,7 @@ KGS_ALWAYS_INLINE A row_max(const scalar_t* __restrict__ row, int64_t sD, int64_
 
 // z[d] = x[d] − mx and e[d] = exp(z[d]) into the sample's buffers; returns Σ_d e[d].
 template <typename scalar_t, typename A>
-KGS_ALWAYS_INLINE A row_shift_exp(const scalar_t* __restrict__ row, int64_t sD, int64_t D, A inv_s, A mx,
+MIM_ALWAYS_INLINE A row_shift_exp(const scalar_t* __restrict__ row, int64_t sD, int64_t D, A inv_s, A mx,
                                   A* __restrict__ z, A* __restrict__ e) {
   A lanes[kLanes] = {};
   int64_t d = 0;
@@ -214,7 +185,7 @@ struct RowSoftmax {
 // (q likewise) and, with kGrad, writes grad_row[d] = coef·(q − p). No exponential here: they were
 // taken once per row by row_shift_exp.
 template <typename scalar_t, typename A, bool kGrad>
-KGS_ALWAYS_INLINE A student_kl(const RowSoftmax<A>& t, const RowSoftmax<A>& s, int64_t D, A coef,
+MIM_ALWAYS_INLINE A student_kl(const RowSoftmax<A>& t, const RowSoftmax<A>& s, int64_t D, A coef,
                                scalar_t* __restrict__ grad_row) {
   const A* __restrict__ zt = t.z;
   const A* __restrict__ et = t.e;
@@ -243,7 +214,7 @@ KGS_ALWAYS_INLINE A student_kl(const RowSoftmax<A>& t, const RowSoftmax<A>& s, i
 enum PredRound : int { kRoundNone = 0, kRoundHalf = 1, kRoundBFloat16 = 2, kRoundFloat = 3 };
 
 template <typename A>
-KGS_ALWAYS_INLINE A round_prediction(A v, int how) {
+MIM_ALWAYS_INLINE A round_prediction(A v, int how) {
   switch (how) {
     case kRoundHalf: return static_cast<A>(static_cast<float>(static_cast<at::Half>(static_cast<float>(v))));
     case kRoundBFloat16: return static_cast<A>(static_cast<float>(static_cast<at::BFloat16>(static_cast<float>(v))));
@@ -254,7 +225,7 @@ KGS_ALWAYS_INLINE A round_prediction(A v, int how) {
 
 // Σ_d row[d]·w[d] in kLanes partial sums (vectorizable, one order at every width).
 template <typename scalar_t, typename A>
-KGS_ALWAYS_INLINE A row_dot(const scalar_t* __restrict__ row, int64_t sD, int64_t D, const A* __restrict__ w) {
+MIM_ALWAYS_INLINE A row_dot(const scalar_t* __restrict__ row, int64_t sD, int64_t D, const A* __restrict__ w) {
   A lanes[kLanes] = {};
   int64_t d = 0;
   if (sD == 1) {
@@ -268,7 +239,7 @@ KGS_ALWAYS_INLINE A row_dot(const scalar_t* __restrict__ row, int64_t sD, int64_
 
 // The predictions of sample i from the heads (kgs_loss_with_heads).
 template <typename scalar_t, typename A>
-KGS_ALWAYS_INLINE void head_predictions(const ForwardCpu<scalar_t, A>& a, int64_t i, A* pk, A* pu) {
+MIM_ALWAYS_INLINE void head_predictions(const ForwardCpu<scalar_t, A>& a, int64_t i, A* pk, A* pu) {
   for (int64_t m = 0; m < a.M; ++m) {
     const A* w = a.head_w + m * a.D;
     pk[m] = round_prediction<A>(row_dot<scalar_t, A>(a.h + m * a.hM + i * a.hB, a.hD, a.D, w) + a.head_b[m],
@@ -291,7 +262,7 @@ struct Workspace {
 
 // Everything of sample i (see the file comment).
 template <typename scalar_t, typename A>
-KGS_ALWAYS_INLINE void forward_sample(const ForwardCpu<scalar_t, A>& a, int64_t i, Workspace<A>& ws) {
+MIM_ALWAYS_INLINE void forward_sample(const ForwardCpu<scalar_t, A>& a, int64_t i, Workspace<A>& ws) {
   const int64_t M = a.M, B = a.B, D = a.D;
   const A yi = a.y[i];
   if (a.yk == nullptr) {  // heads: the predictions from this sample's rows (h's stay in L1 for the KL)
@@ -369,7 +340,7 @@ KGS_ALWAYS_INLINE void forward_sample(const ForwardCpu<scalar_t, A>& a, int64_t 
 }
 
 template <typename scalar_t, typename A>
-KGS_ALWAYS_INLINE void forward_range_body(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end) {
+MIM_ALWAYS_INLINE void forward_range_body(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end) {
   Workspace<A> ws(a.M, a.D);
   for (int64_t i = begin; i < end; ++i) forward_sample(a, i, ws);
 }
@@ -380,7 +351,7 @@ template <typename scalar_t, typename A>
 void forward_range_default(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end) {
   forward_range_body(a, begin, end);
 }
-#if KGS_ISA_DISPATCH
+#if MIM_ISA_DISPATCH
 template <typename scalar_t, typename A>
 __attribute__((target("avx2"))) void forward_range_avx2(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end) {
   forward_range_body(a, begin, end);
@@ -394,7 +365,7 @@ __attribute__((target("avx512f"))) void forward_range_avx512(const ForwardCpu<sc
 
 template <typename scalar_t, typename A>
 void forward_range(Isa isa, const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end) {
-#if KGS_ISA_DISPATCH
+#if MIM_ISA_DISPATCH
   if (isa == Isa::kAvx512) return forward_range_avx512(a, begin, end);
   if (isa == Isa::kAvx2) return forward_range_avx2(a, begin, end);
 #else
@@ -430,7 +401,7 @@ struct ForwardOptions {
 // kgs_loss_with_heads, per_sample=False: the predictions of every sample first (the batch means need
 // them all), into (M, B) buffers the fused pass then reads.
 template <typename scalar_t, typename A>
-KGS_ALWAYS_INLINE void predictions_range_body(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk,
+MIM_ALWAYS_INLINE void predictions_range_body(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk,
                                               A* pu) {
   std::vector<A> k(a.M), u(a.M);
   for (int64_t i = begin; i < end; ++i) {
@@ -446,7 +417,7 @@ template <typename scalar_t, typename A>
 void predictions_range_default(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk, A* pu) {
   predictions_range_body(a, begin, end, pk, pu);
 }
-#if KGS_ISA_DISPATCH
+#if MIM_ISA_DISPATCH
 template <typename scalar_t, typename A>
 __attribute__((target("avx2"))) void predictions_range_avx2(const ForwardCpu<scalar_t, A>& a, int64_t begin,
                                                             int64_t end, A* pk, A* pu) {
@@ -461,7 +432,7 @@ __attribute__((target("avx512f"))) void predictions_range_avx512(const ForwardCp
 
 template <typename scalar_t, typename A>
 void predictions_range(Isa isa, const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk, A* pu) {
-#if KGS_ISA_DISPATCH
+#if MIM_ISA_DISPATCH
   if (isa == Isa::kAvx512) return predictions_range_avx512(a, begin, end, pk, pu);
   if (isa == Isa::kAvx2) return predictions_range_avx2(a, begin, end, pk, pu);
 #else
@@ -538,7 +509,7 @@ struct Upstream {
   const A* g[5];  // null: no gradient reached that output (zero)
   int64_t stride[5];
   A w[4];
-  KGS_ALWAYS_INLINE A factor(int term, int64_t i) const {
+  MIM_ALWAYS_INLINE A factor(int term, int64_t i) const {
     const A gl = g[kLoss] ? g[kLoss][i * stride[kLoss]] : A(0);
     const A gt = g[term] ? g[term][i * stride[term]] : A(0);
     return kgs::chain_factor<A>(gt, w[term - 1], gl);

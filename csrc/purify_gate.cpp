@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_memory.h"
 #include "mim_math.h"
 
@@ -123,33 +124,7 @@ Tiling make_tiling(int64_t B, int64_t D) {
 // The feature loops, compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time: the same
 // IEEE operations at every width (no FMA contraction), so the results do not depend on the CPU.
 // ---------------------------------------------------------------------------------------------------
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MIM_ISA_DISPATCH 1
-#define MIM_ALWAYS_INLINE inline __attribute__((always_inline))
-// The widest ISA this CPU has; MIM_FAST_CPU_ISA=default|avx2|avx512 caps it (tests compare them).
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    Isa best = __builtin_cpu_supports("avx512f") ? Isa::kAvx512
-               : __builtin_cpu_supports("avx2")  ? Isa::kAvx2
-                                                 : Isa::kDefault;
-    const char* cap = std::getenv("MIM_FAST_CPU_ISA");
-    if (cap != nullptr) {
-      const std::string c(cap);
-      const Isa want = c == "avx512" ? Isa::kAvx512 : c == "avx2" ? Isa::kAvx2 : Isa::kDefault;
-      if (static_cast<int>(want) < static_cast<int>(best)) best = want;
-    }
-    return best;
-  }();
-  return isa;
-}
-#else
-#define MIM_ISA_DISPATCH 0
-#define MIM_ALWAYS_INLINE inline
-Isa cpu_isa() { return Isa::kDefault; }
-#endif
+// Isa, cpu_isa(), MIM_ISA_DISPATCH and MIM_ALWAYS_INLINE: cpu_isa.h (shared with the KGS loss).
 
 template <typename scalar_t, typename acc_t>
 struct FeaturePass {

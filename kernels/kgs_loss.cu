@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "io.cuh"
 #include "kgs_loss.cuh"
 #include "kgs_math.h"
 
@@ -23,19 +24,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int64_t kMaxBlocks = 1024;  // fixed (device-independent) so the summation order is too
 constexpr int kMeansThreads = 1024;
 
-template <typename T> struct Io;
-template <> struct Io<float> {
-  static __device__ __forceinline__ float load(const float* p) { return *p; }
-  static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
-};
-template <> struct Io<__half> {
-  static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-  static __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-};
-template <> struct Io<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-  static __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-};
+// Io<T>: kernels/io.cuh
 
 __device__ __forceinline__ float load_any(const void* p, KgsDType t, int64_t idx) {
   switch (t) {

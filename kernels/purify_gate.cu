@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "io.cuh"
 #include "purify_gate.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__USE_FAST_MATH__)
@@ -30,19 +31,7 @@ constexpr int kTile = 64;    // time steps of one backward block
 constexpr int kUnroll = 4;   // time steps whose loads each thread keeps in flight
 constexpr int kGateThreads = 256;
 
-template <typename T> struct Io;
-template <> struct Io<float> {
-  static __device__ __forceinline__ float load(const float* p) { return *p; }
-  static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
-};
-template <> struct Io<__half> {
-  static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-  static __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-};
-template <> struct Io<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-  static __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-};
+// Io<T>: kernels/io.cuh
 
 // Features per thread: 16 bytes (4 floats, 8 halves).
 template <typename T> constexpr int vec_of() { return static_cast<int>(16 / sizeof(T)); }
