@@ -121,6 +121,17 @@ def _heads_kernel(hm_ptr, hu_ptr, hm_sM, hm_sB, hm_sD, hu_sM, hu_sB, hu_sD, w_pt
 
 
 @triton.jit
+def _adjuster_inv(yk_ptr, yk_sM, yk_sB, means_ptr, mm, b, bmask, yv, zero, sum_rk, eps, PER_SAMPLE: tl.constexpr):
+    """1 / (1 + r_k / (Σ r + eps)) of modality mm (kgs_math.h adjuster_inv), r_k = |yk − y| per sample or
+    the batch mean; read again in each α loop rather than kept in M registers."""
+    if PER_SAMPLE:
+        rk = tl.abs(tl.load(yk_ptr + mm * yk_sM + b * yk_sB, mask=bmask, other=0.0).to(tl.float32) - yv)
+    else:
+        rk = zero + tl.load(means_ptr + mm)
+    return _div(zero + 1.0, 1.0 + _div(rk, sum_rk + eps))
+
+
+@triton.jit
 def _kgs_forward_kernel(yk_ptr, yu_ptr, y_ptr, h_ptr, yk_sM, yk_sB, yu_sM, yu_sB, y_s, h_sM, h_sB, h_sD, means_ptr,
                         loss_ptr, intra_ptr, inter_ptr, masked_ptr, unmasked_ptr, teacher_ptr, alpha_ptr,
                         gpred_ptr, gh_ptr, partial_ptr, counter_ptr, M, B, D, kd_scale, eps, scale,
@@ -196,19 +207,11 @@ def _kgs_forward_kernel(yk_ptr, yu_ptr, y_ptr, h_ptr, yk_sM, yk_sB, yu_sM, yu_sB
     sum_inv = zero
     for m in range(0, M):
         mm = tl.cast(m, tl.int64)
-        if PER_SAMPLE:
-            rk = tl.abs(tl.load(yk_ptr + mm * yk_sM + b * yk_sB, mask=bmask, other=0.0).to(tl.float32) - yv)
-        else:
-            rk = zero + tl.load(means_ptr + mm)
-        sum_inv += _div(zero + 1.0, 1.0 + _div(rk, sum_rk + eps))
+        sum_inv += _adjuster_inv(yk_ptr, yk_sM, yk_sB, means_ptr, mm, b, bmask, yv, zero, sum_rk, eps, PER_SAMPLE)
     alpha_t = zero
     for m in range(0, M):
         mm = tl.cast(m, tl.int64)
-        if PER_SAMPLE:
-            rk = tl.abs(tl.load(yk_ptr + mm * yk_sM + b * yk_sB, mask=bmask, other=0.0).to(tl.float32) - yv)
-        else:
-            rk = zero + tl.load(means_ptr + mm)
-        inv = _div(zero + 1.0, 1.0 + _div(rk, sum_rk + eps))
+        inv = _adjuster_inv(yk_ptr, yk_sM, yk_sB, means_ptr, mm, b, bmask, yv, zero, sum_rk, eps, PER_SAMPLE)
         alpha = _div(M * inv, sum_inv)
         tl.store(alpha_ptr + mm * B + b, alpha.to(alpha_ptr.dtype.element_ty), mask=bmask)
         alpha_t = tl.where(t_idx == mm, alpha, alpha_t)
