@@ -605,6 +605,17 @@ def test_fused_nan_and_inf_propagate_like_the_reference(backend, where):
                                  reduction="none")
 
 
+def _assert_half_precision_within_2x(pairs, dtype):
+    """(fused, torch, float64 exact, name) tuples: each fused result is in `dtype` and its error against
+    the exact value is at most twice torch's plus one ulp of `dtype` at the result's scale."""
+    for g, r, e, name in pairs:
+        assert g.dtype == dtype, name
+        err_fused = float((g.double().cpu() - e).abs().max())
+        err_torch = float((r.double() - e).abs().max())
+        floor = torch.finfo(dtype).eps * float(e.abs().max() + 1e-6)
+        assert err_fused <= 2 * err_torch + floor, (name, err_fused, err_torch, floor)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_half_precision_within_2x_of_torch_error(backend, dtype):
@@ -624,12 +635,7 @@ def test_fused_half_precision_within_2x_of_torch_error(backend, dtype):
         assert torch.equal(got.teacher.cpu(), exact.teacher) and torch.equal(ref.teacher, exact.teacher)
         pairs = [(getattr(got, k), getattr(ref, k), getattr(exact, k), k) for k in TERMS + ("alpha",)]
         pairs += [(a, b, c, "grad") for a, b, c in zip(ggot, gref, gexact)]
-        for g, r, e, name in pairs:
-            assert g.dtype == dtype, name
-            err_fused = float((g.double().cpu() - e).abs().max())
-            err_torch = float((r.double() - e).abs().max())
-            floor = torch.finfo(dtype).eps * float(e.abs().max() + 1e-6)
-            assert err_fused <= 2 * err_torch + floor, (name, err_fused, err_torch, floor)
+        _assert_half_precision_within_2x(pairs, dtype)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -963,12 +969,7 @@ def test_heads_half_precision_within_2x_of_torch_error(backend, dtype):
     assert torch.equal(got.teacher.cpu(), exact.teacher) and torch.equal(ref.teacher, exact.teacher)
     pairs = [(getattr(got, k), getattr(ref, k), getattr(exact, k).detach(), k) for k in TERMS + ("alpha",)]
     pairs += [(a, b, x.grad, "grad") for a, b, x in zip(ggot, gref, xs)]
-    for g, r, e, name in pairs:
-        assert g.dtype == dtype, name
-        err_fused = float((g.double().cpu() - e).abs().max())
-        err_torch = float((r.double() - e).abs().max())
-        floor = torch.finfo(dtype).eps * float(e.abs().max() + 1e-6)
-        assert err_fused <= 2 * err_torch + floor, (name, err_fused, err_torch, floor)
+    _assert_half_precision_within_2x(pairs, dtype)
 
 
 @pytest.mark.parametrize("backend", HEADS_FUSED)
