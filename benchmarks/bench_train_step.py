@@ -11,31 +11,19 @@ Smoke: python -m pytest benchmarks/bench_train_step.py --benchmark-disable
 import pytest
 import torch
 
-from mim_fast import data as data_lib
-from mim_fast import train as T
+from mim_fast import bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _setup(batch_size: int, backend: str):
-    n = max(2 * batch_size, 64)
-    cfg = T.TrainConfig(backend=backend, d_model=80, heads=5, batch_size=batch_size, av_layers=3, text_layers=0,
-                        synthetic={"n_train": n, "n_dev": 8, "n_test": 8, "T": 50, "dims": [768, 74, 47]})
-    data = T.load_for_training(cfg)
-    torch.manual_seed(0)
-    model = T.build_model(data, cfg).to(DEVICE)
-    opt = T.Optimizers(model, cfg, DEVICE)
-    batch = next(T.batches(data.train, batch_size, shuffle=False, device=DEVICE))
-    return cfg, model, opt, batch
 
 
 @pytest.mark.parametrize("batch_size", [16, 256])
 @pytest.mark.parametrize("provider", ["reference", "fused"])
 def test_train_step(benchmark, provider, batch_size):
-    cfg, model, opt, batch = _setup(batch_size, "torch" if provider == "reference" else "auto")
+    train_step = bench.train_step_fn("eager" if provider == "reference" else "auto", batch_size, torch.float32,
+                                     DEVICE)
 
     def step():
-        T.train_step(model, opt, batch, cfg, 7, DEVICE)
+        train_step()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 

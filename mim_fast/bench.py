@@ -283,21 +283,18 @@ def _kgs_step(provider: str, shape, dtype, device) -> Callable[[], None]:
     return step
 
 
-def _train_step(provider: str, batch_size: int, dtype, device) -> Callable[[], None]:
-    from . import train as T
+def train_step_fn(provider: str, batch_size: int, dtype, device: torch.device) -> Callable[[], None]:
+    """One call = one MIM training step (SPEC §3) at the paper's dims (D=80, T=50; text 768-d, audio 74-d,
+    vision 47-d; 3 audio/vision Transformer layers) on a fixed synthetic batch; ``provider`` "eager" uses
+    the reference ops (backend "torch"), anything else is the backend name; dtype picks autocast."""
+    from .profile import _config, _Run  # the training step `mim-fast profile` profiles, built the same way
 
     amp = {torch.float32: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
     if amp is None:
         raise ValueError("the training step runs in fp32, bf16 or fp16 (autocast), not %s" % dtype)
-    cfg = T.TrainConfig(backend="torch" if provider == "eager" else provider, d_model=80, heads=5,
-                        batch_size=batch_size, av_layers=3, text_layers=0, amp=amp,
-                        synthetic={"n_train": batch_size, "n_dev": 8, "n_test": 8, "T": 50, "dims": [768, 74, 47]})
-    data = T.load_for_training(cfg)
-    torch.manual_seed(0)
-    model = T.build_model(data, cfg).to(device)
-    opt = T.Optimizers(model, cfg, device)
-    batch = next(T.batches(data.train, batch_size, shuffle=False, device=device))
-    return lambda: T.train_step(model, opt, batch, cfg, 7, device)
+    cfg = _config("torch" if provider == "eager" else provider, device, batch_size=batch_size, d_model=80,
+                  seq_len=50, heads=5, av_layers=3, dims=(768, 74, 47), amp=amp, seed=0)
+    return _Run(provider, cfg, device).step
 
 
 # ---------------------------------------------------------------------------------------------------- runner
@@ -347,7 +344,7 @@ def _make_step(op, pass_, shape, dtype, provider, device):
         return _gate_step(provider, (shape["T"], shape["B"], shape["D"]), dtype, device, pass_ == "fwd+bwd")
     if op == "kgs_loss":
         return _kgs_step(provider, (shape["B"], shape["D"]), dtype, device)
-    return _train_step(provider, shape["B"], dtype, torch.device(device))
+    return train_step_fn(provider, shape["B"], dtype, torch.device(device))
 
 
 def time_cpu_interleaved(fns: Sequence[Callable[[], None]], *, min_reps: int = 5, max_reps: int = 200,
