@@ -12,6 +12,8 @@ Cases (the minimal bytes each moves are in the kernels' docstrings and in :func:
 
   purify_gate fwd        SPEC §1 forward: x (T, B, D) read once, pooled (B, D) written
   purify_gate fwd+bwd    forward + backward of pooled and penalty: x read twice, ∂L/∂x written once
+  purify_gate fwd+bwd-logits   the same with x frozen (MIM's mask-learner update needs ∂L/∂logits only):
+                         x read twice, no ∂L/∂x (--gate-passes; not in the default sweeps)
   kgs_loss fwd+bwd       SPEC §2, M = 3: h (M, B, D) read once, ∂L/∂h written once
   train_step             MIM's whole training step (SPEC §3) at the paper's D = 80, T = 50; "eager" is the
                          model with the reference ops (backend "torch"), the fused rows use that backend;
@@ -48,6 +50,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 OPS = ("gate", "kgs", "train")
+GATE_PASSES = ("fwd", "fwd+bwd", "fwd+bwd-logits")
 KGS_M = 3
 
 # Shape sweeps, per (device type, quick). Gate: (T, B, D); KGS: (B, D) with M = 3; train step: B.
@@ -100,13 +103,15 @@ class Row:
 def minimal_bytes(op: str, pass_: str, shape: Dict[str, int], dtype: torch.dtype) -> Optional[int]:
     """The least traffic a kernel can get away with (what GB/s and % of bandwidth are computed from).
 
-    Gate forward: x read once + pooled written; forward+backward: x read twice + ∂L/∂x written once (+ pooled).
+    Gate forward: x read once + pooled written; forward+backward: x read twice + ∂L/∂x written once (+ pooled);
+    "fwd+bwd-logits" (x frozen, only ∂L/∂logits wanted): x read twice (+ pooled).
     KGS: h read once + ∂L/∂h written once. (B, T)- and (M, B)-sized traffic is ignored. None for the step.
     """
     e = torch.finfo(dtype).bits // 8
     if op == "purify_gate":
         T, B, D = shape["T"], shape["B"], shape["D"]
-        return T * B * D * e * (3 if pass_ == "fwd+bwd" else 1) + B * D * e
+        passes = {"fwd": 1, "fwd+bwd": 3, "fwd+bwd-logits": 2}[pass_]
+        return T * B * D * e * passes + B * D * e
     if op == "kgs_loss":
         return 2 * shape["M"] * shape["B"] * shape["D"] * e
     return None
@@ -241,7 +246,7 @@ def _provider_fn(op: str, provider: str) -> Callable:
     return lambda *a: mim_fast.kgs_loss(*a, backend=provider)
 
 
-def _gate_step(provider: str, shape, dtype, device, backward: bool) -> Callable[[], None]:
+def _gate_step(provider: str, shape, dtype, device, pass_: str) -> Callable[[], None]:
     T, B, D = shape
     gen = torch.Generator().manual_seed(T * 7919 + B * 31 + D)
     x = torch.randn(T, B, D, generator=gen).to(device, dtype)
@@ -250,12 +255,12 @@ def _gate_step(provider: str, shape, dtype, device, backward: bool) -> Callable[
     G = torch.randn(B, D, generator=gen).to(device, dtype)
     one = torch.ones((), device=device)
     fn = _provider_fn("purify_gate", provider)
-    if not backward:
+    if pass_ == "fwd":
         def step():
             with torch.no_grad():
                 fn(x, logits, noise)
         return step
-    x.requires_grad_()
+    x.requires_grad_(pass_ == "fwd+bwd")  # "fwd+bwd-logits": x frozen, ∂L/∂logits only
     logits.requires_grad_()
 
     def step():
@@ -326,7 +331,7 @@ def _cases(sweep: dict, ops: Sequence[str], dtypes: Sequence[str]):
     for dname in dtypes:
         dtype = DTYPES[dname]
         if "gate" in ops:
-            for pass_ in ("fwd", "fwd+bwd"):
+            for pass_ in sweep.get("gate_passes", GATE_PASSES[:2]):
                 for T, B, D in sweep["gate"]:
                     yield "purify_gate", pass_, {"T": T, "B": B, "D": D}, dname, dtype, T * B * D
         if "kgs" in ops:
@@ -341,7 +346,7 @@ def _cases(sweep: dict, ops: Sequence[str], dtypes: Sequence[str]):
 
 def _make_step(op, pass_, shape, dtype, provider, device):
     if op == "purify_gate":
-        return _gate_step(provider, (shape["T"], shape["B"], shape["D"]), dtype, device, pass_ == "fwd+bwd")
+        return _gate_step(provider, (shape["T"], shape["B"], shape["D"]), dtype, device, pass_)
     if op == "kgs_loss":
         return _kgs_step(provider, (shape["B"], shape["D"]), dtype, device)
     return train_step_fn(provider, shape["B"], dtype, torch.device(device))
@@ -578,6 +583,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gate-shapes", metavar="TxBxD,...", help="gate shapes instead of the sweep's, e.g. 50x256x768")
     p.add_argument("--kgs-shapes", metavar="BxD,...", help="KGS shapes (M = 3) instead of the sweep's, e.g. 4096x768")
     p.add_argument("--train-batches", metavar="B,...", help="training-step batch sizes instead of the sweep's")
+    p.add_argument("--gate-passes", metavar="P,...", help="gate passes, a subset of %s (default: fwd,fwd+bwd)"
+                   % ",".join(GATE_PASSES))
     p.add_argument("--out", default="runs/bench", help="folder for bench.md, bench.json and the plots")
     p.add_argument("--no-plots", action="store_true")
 
@@ -618,6 +625,8 @@ def main(args) -> int:
             sweep["kgs"] = _shapes(args.kgs_shapes, 2, "kgs-shapes")
         if args.train_batches:
             sweep["train"] = _shapes(args.train_batches, 1, "train-batches")
+        if args.gate_passes:
+            sweep["gate_passes"] = _split(args.gate_passes, list(GATE_PASSES), "gate-passes")
     except ValueError as exc:
         print("mim-fast bench: error: %s" % exc, file=sys.stderr)
         return 2

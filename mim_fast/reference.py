@@ -92,7 +92,7 @@ def philox_uniform_counters(seed: int, counters: torch.Tensor) -> torch.Tensor:
     zero = torch.zeros_like(lo)
     w, _, _, _ = philox4x32_10(lo, hi, zero, zero, seed & _M32, (seed >> 32) & _M32)
     v = torch.where(w >= 2**31, _M32 - w, w)  # ~int32(w) for the negative half, as an unsigned value
-    return v.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=v.device)
+    return v.to(torch.float32) * torch.full((), _UNIFORM_SCALE, dtype=torch.float32, device=v.device)
 
 
 def philox_uniform(seed: int, offset: int, shape: Sequence[int], device=None) -> torch.Tensor:
@@ -266,6 +266,13 @@ def purify_gate(
     log, sigmoid = _gate_functions(acc, exact_math)
     a = logits.to(acc) + loc_bias  # (B, T) log-alpha
 
+    def const(v):
+        # Divisors and comparands as tensors on the data's device: ATen turns a CUDA tensor divided by a
+        # host scalar into a multiply by its reciprocal (not the IEEE quotient the kernels compute), which
+        # would make the reference differ between CPU and CUDA, and from the kernels, in the last bit.
+        # torch.full, not torch.tensor: a fill, no host-to-device copy (capturable in a CUDA graph).
+        return torch.full((), v, dtype=acc, device=a.device)
+
     if mode == "sample":
         if noise is None:
             u = philox_uniform(draw_seed() if seed is None else seed, offset, (B, T), device=x.device)
@@ -273,20 +280,20 @@ def purify_gate(
             u = noise.detach()
         u = u.to(acc).clamp(NOISE_EPS, 1.0 - NOISE_EPS)
         ell = log(u) - log(1.0 - u)  # logistic noise
-        s = sigmoid((ell + a) / beta)
+        s = sigmoid((ell + a) / const(beta))
     else:
         s = sigmoid(a)
     s_bar = (zeta - gamma) * s + gamma
     c = torch.clamp(s_bar, 0.0, 1.0)
-    h = (c > torch.tensor(threshold, dtype=acc, device=c.device)).to(acc)
+    h = (c > const(threshold)).to(acc)
     # Straight-through estimator written as h + (c − sg(c)): the forward value is exactly h (c − c is
     # exactly 0), which c + sg(h − c) would only round to; the gradient w.r.t. c is 1 either way.
     z = h + (c - c.detach())
 
     q = sigmoid(a - beta * penalty_log_ratio(penalty, gamma, zeta, threshold))
     if lengths is None:
-        P = q.mean()
-        denom = float(T)
+        P = q.sum() / const(B * T)  # = q.mean(), whose backward would divide by a host scalar
+        denom = const(T)
         y = xs.to(acc) * z.t().unsqueeze(-1)  # (T, B, D)
     else:
         lengths = lengths.to(x.device).clamp(0, T)  # (the public op rejects values outside [0, T] where it can look)

@@ -25,6 +25,9 @@ def test_minimal_bytes_are_the_kernels_contract():
     assert bench.minimal_bytes("purify_gate", "fwd", {"T": 7, "B": 3, "D": 5}, torch.float32) == 4 * (7 * 3 * 5 + 3 * 5)
     assert bench.minimal_bytes("purify_gate", "fwd+bwd", {"T": 7, "B": 3, "D": 5}, torch.bfloat16) == 2 * (
         3 * 7 * 3 * 5 + 3 * 5)
+    # x frozen: x read twice (+ pooled), no ∂L/∂x
+    assert bench.minimal_bytes("purify_gate", "fwd+bwd-logits", {"T": 7, "B": 3, "D": 5}, torch.float32) == 4 * (
+        2 * 7 * 3 * 5 + 3 * 5)
     # KGS: h read once, ∂L/∂h written once
     assert bench.minimal_bytes("kgs_loss", "fwd+bwd", {"M": 3, "B": 11, "D": 13}, torch.float32) == 2 * 3 * 11 * 13 * 4
     assert bench.minimal_bytes("train_step", "step", {"B": 16}, torch.float32) is None

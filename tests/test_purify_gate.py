@@ -542,9 +542,41 @@ def test_opcheck(backend):
         bargs = (torch.randn(x.shape[1], x.shape[2], device=dev), torch.tensor(0.3, device=dev), x, out[2], out[3],
                  out[4], out[5], args[3], args[7])
         torch.library.opcheck(bwd, bargs)
+        torch.library.opcheck(bwd, bargs + (False,))  # ∂L/∂x not wanted: a (0,) tensor
     # a batch-first view of x: the op reads strides and returns a gradient of the same layout
     xb = torch.randn(3, 7, 10, device=dev).transpose(0, 1).requires_grad_()
     torch.library.opcheck(fwd, (xb,) + _op_samples(dev)[0][1:])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_backward_without_x_gradient(backend, batch_first):
+    """x frozen (MIM's mask-learner update differentiates w.r.t. the logits only): the fused backward
+    computes no ∂L/∂x — the op returns a (0,) tensor — and ∂L/∂logits is the same, bit for bit, as when
+    x needs a gradient too (the same reduction, in the same order)."""
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    T, B, D = 11, 3, 70
+    x, logits, _, lens = make_inputs(T, B, D, dtype=torch.float32, batch_first=batch_first, lengths=True)
+    x, logits, lens = x.to(dev), logits.to(dev), lens.to(dev)
+    G = torch.randn(B, D, device=dev)
+    opts = dict(seed=int(torch.randint(0, 2**62, ())), lengths=lens, batch_first=batch_first)
+    both = run_gate(backend, x, logits, G, 0.4, **opts)
+    lg = logits.clone().requires_grad_()
+    out = mim_fast.purify_gate(x, lg, backend=backend, **opts)
+    torch.autograd.backward([out.pooled, out.penalty], [G, torch.tensor(0.4, device=dev)])
+    assert torch.equal(lg.grad, both[4])
+    ref = run_gate("torch", x, logits, G, 0.4, **opts)
+    torch.testing.assert_close(lg.grad, ref[4], rtol=1e-4, atol=1e-5)
+
+    ops = {"triton": (torch.ops.mim_fast.purify_gate_forward_triton, torch.ops.mim_fast.purify_gate_backward_triton)}
+    fwd, bwd = ops.get(backend, (torch.ops.mim_fast.purify_gate_forward, torch.ops.mim_fast.purify_gate_backward))
+    xs = x.transpose(0, 1) if batch_first else x
+    saved = fwd(xs, logits, None, lens, 3, 0, "sample", "tanh", 3.0, 1 / 3, 1.2, -0.2, 0.6, -0.5)
+    gx, gl = bwd(G, torch.tensor(0.4, device=dev), xs, saved[2], saved[3], saved[4], saved[5], lens, "tanh", False)
+    gx_full, gl_full = bwd(G, torch.tensor(0.4, device=dev), xs, saved[2], saved[3], saved[4], saved[5], lens, "tanh")
+    assert gx.shape == (0,) and gx_full.shape == xs.shape
+    assert torch.equal(gl, gl_full)
 
 
 @pytest.mark.parametrize("backend", FUSED)

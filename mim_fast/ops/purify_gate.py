@@ -70,7 +70,7 @@ def purify_gate(
     D = x.shape[2]
     _checks.nonempty("x", {"T": T, "B": B, "D": D})
     _checks.float_tensor("logits", logits, ndim=2, layout="(B, T)")
-    _checks.same_shape("logits", logits, (B, T), "(B, T) to match x %s" % _checks.shape_str(x.shape))
+    _checks.same_shape("logits", logits, (B, T), "(B, T) to match x", x.shape)
     _checks.choice("mode", mode, MODES)
     _checks.choice("activation", activation, ACTIVATIONS)
     _checks.choice("penalty", penalty, PENALTIES)
@@ -108,7 +108,10 @@ def purify_gate(
         if _checks.can_inspect_values(lengths) and not bool(((lengths >= 0) & (lengths <= T)).all()):
             raise ValueError("lengths must lie in [0, T=%d]; got min %d, max %d"
                              % (T, int(lengths.min()), int(lengths.max())))
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    # Not while torch.compile traces: is_current_stream_capturing() is a graph break (an error under
+    # fullgraph=True), and a compiled graph captured later (mode="reduce-overhead") is the compiler's
+    # business. A seed or lengths check then happens at trace time, not at capture.
+    if x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
         # a CUDA graph would freeze a host-drawn seed into every replay, and cannot copy CPU lengths
         if mode == "sample" and noise is None and seed is None:
             raise ValueError("purify_gate under CUDA-graph capture: pass noise= drawn inside the graph (e.g. "
@@ -156,8 +159,8 @@ def _forward_fake(acc_of):
     return fake
 
 
-def _backward_fake(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation):
-    return torch.empty_like(x), gate.new_empty(gate.shape)
+def _backward_fake(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation, needs_grad_x=True):
+    return (torch.empty_like(x) if needs_grad_x else x.new_empty((0,))), gate.new_empty(gate.shape)
 
 
 def _register_autograd(forward_name: str, backward_op) -> None:
@@ -175,9 +178,12 @@ def _register_autograd(forward_name: str, backward_op) -> None:
             grad_pooled = x.new_zeros((B, D))
         if grad_penalty is None:
             grad_penalty = gate.new_zeros(())
+        # ∂L/∂x only when x needs it: MIM's mask-learner update differentiates w.r.t. the logits alone, and
+        # not writing ∂L/∂x saves a third of the backward's memory traffic.
+        needs_x = ctx.needs_input_grad[0]
         grad_x, grad_logits = backward_op(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths,
-                                          ctx.activation)
-        return (grad_x if ctx.needs_input_grad[0] else None,
+                                          ctx.activation, needs_x)
+        return (grad_x if needs_x else None,
                 grad_logits if ctx.needs_input_grad[1] else None) + (None,) * 12
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
@@ -215,10 +221,11 @@ def _forward_triton(x: torch.Tensor, logits: torch.Tensor, noise: Optional[torch
 @torch.library.custom_op("mim_fast::purify_gate_backward_triton", mutates_args=())
 def _backward_triton(grad_pooled: torch.Tensor, grad_penalty: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
                      ste: torch.Tensor, dq: torch.Tensor, inv_count: torch.Tensor, lengths: Optional[torch.Tensor],
-                     activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                     activation: str, needs_grad_x: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     from ..triton import purify_gate as kernels
 
-    return kernels.purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation)
+    return kernels.purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation,
+                                        needs_grad_x)
 
 
 _forward_triton.register_fake(_forward_fake(lambda x, logits, noise: torch.float32))
