@@ -239,3 +239,64 @@ def test_host_scalar_division_detector_finds_one():
     with _HostScalarDivisions() as rec:
         torch.randn(4) / 3.0
     assert len(rec.found) == 1
+
+
+@pytest.mark.triton
+def test_triton_launchers_refuse_tensors_they_cannot_address(monkeypatch):
+    """A compiled Triton kernel given a CPU pointer (or one of another device) aborts the process with an
+    illegal address; the launchers refuse such calls with a message before launching anything."""
+    if _backends.triton_import_error():
+        pytest.skip(_backends.triton_import_error())
+    from mim_fast.triton import _launch, kgs_loss as tk, philox as tp, purify_gate as tg
+
+    x, logits = torch.randn(4, 2, 3), torch.randn(2, 4)
+    monkeypatch.setattr(_backends, "triton_interpreting", lambda: False)  # as on a GPU machine
+    calls = [
+        lambda: tg.purify_gate_forward(x, logits, None, None, 1, 0, "sample", "tanh", 3.0, 1 / 3, 1.2, -0.2, 0.6, 0.0),
+        lambda: tk.kgs_loss_forward(torch.randn(3, 2), torch.randn(3, 2), torch.randn(2), torch.randn(3, 2, 4), True,
+                                    10.0, False, [1.0] * 4, "mean", 1e-12, False, False),
+        lambda: tp.philox_uniform_counters(torch.arange(5), 3),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="compiled Triton kernels take CUDA tensors"):
+            call()
+    with pytest.raises(ValueError, match="every tensor must be on one device; got cpu and meta"):
+        _launch.check_tensors("op", x, torch.empty(2, device="meta"))
+
+
+def test_triton_device_guard_selects_the_tensors_device():
+    """Launches happen with the tensors' device current (the C++ ops use CUDAGuard): tensors on cuda:1
+    while cuda:0 is current would otherwise be launched through the wrong context."""
+    if _backends.triton_import_error():
+        pytest.skip(_backends.triton_import_error())
+    from mim_fast.triton._launch import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_ops_on_a_device_that_is_not_current(backend):
+    """Tensors on cuda:1 while cuda:0 is current: every kernel must launch on cuda:1."""
+    dev = torch.device("cuda", 1)
+    x, logits = torch.randn(9, 4, 33, device=dev), torch.randn(4, 9, device=dev)
+    yk, yu, y, h = torch.randn(3, 5, device=dev), torch.randn(3, 5, device=dev), torch.randn(5, device=dev), \
+        torch.randn(3, 5, 17, device=dev)
+    with torch.cuda.device(0):
+        xg, lg, hg = x.clone().requires_grad_(), logits.clone().requires_grad_(), h.clone().requires_grad_()
+        out = mim_fast.purify_gate(xg, lg, seed=5, backend=backend)
+        (out.pooled.sum() + out.penalty).backward()
+        kgs = mim_fast.kgs_loss(yk, yu, y, hg, backend=backend)
+        kgs.loss.backward()
+        u = mim_fast.philox_uniform(3, 0, (100,), device=dev, backend=backend)
+        torch.cuda.synchronize(dev)
+    ref = mim_fast.purify_gate(x.cpu(), logits.cpu(), seed=5, backend="torch")
+    assert torch.equal(out.gate.cpu(), ref.gate)
+    torch.testing.assert_close(out.pooled.cpu(), ref.pooled, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kgs.loss.cpu(), mim_fast.kgs_loss(yk.cpu(), yu.cpu(), y.cpu(), h.cpu(),
+                                                                 backend="torch").loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(u.cpu(), mim_fast.philox_uniform(3, 0, (100,), backend="torch"))
+    assert xg.grad.device == dev and hg.grad.device == dev

@@ -394,6 +394,7 @@ def test_fused_backend_float64_and_mixed_dtypes(backend):
     x, logits, noise, lens = x.to(dev), logits.to(dev), noise.to(dev), lens.to(dev)
     G, w = torch.randn(B, D, dtype=torch.float64, device=dev), 0.7
     if backend != "cpu":
+        _skip_unless_available(backend)  # (the device itself must be one the backend runs on)
         reason = _backends.backend_status("purify_gate", dev, (torch.float64,))[backend]
         assert reason and "float64" in reason  # fp64 is a CPU-only feature, refused with a reason
         pytest.skip(reason)

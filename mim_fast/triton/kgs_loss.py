@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..ops import _backends
-from ._launch import device_guard
+from ._launch import check_tensors, device_guard
 
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
@@ -429,7 +429,7 @@ def _forward(yk, yu, y, h, heads, out_dtype, per_sample, kd_scale, kd_divide_T, 
              grad_h, block_d):
     M, B = yk.shape
     D = h.shape[2]
-    dev = h.device
+    dev = check_tensors("kgs_loss_forward_triton", yk, yu, y, h, *(heads[:3] if heads is not None else ()))
     red = _REDUCTIONS[reduction]
     term_shape = (B,) if red == 2 else ()
     terms = [torch.empty(term_shape, dtype=out_dtype, device=dev) for _ in range(5)]
@@ -480,7 +480,8 @@ def kgs_loss_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmas
     M, B = (saved_preds.shape[1], saved_preds.shape[2]) if has_preds else \
         ((saved_h.shape[0], saved_h.shape[1]) if has_h else (0, 0))
     D = saved_h.shape[2] if has_h else 1
-    dev = saved_preds.device
+    dev = check_tensors("kgs_loss_backward_triton", saved_preds, saved_h, grad_loss, grad_intra, grad_inter,
+                        grad_masked, grad_unmasked)
     gyk = torch.empty((M, B) if has_preds else (0,), dtype=yk_dtype, device=dev)
     gyu = torch.empty((M, B) if has_preds else (0,), dtype=yu_dtype, device=dev)
     gy = torch.empty((B,) if has_preds else (0,), dtype=y_dtype, device=dev)
@@ -593,7 +594,8 @@ def kgs_loss_heads_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad
     ceil(D / BLOCK_D) programs, each looping over the B samples (so on GPUs its parallelism is M·D/BLOCK_D
     programs: enough for MIM's batch sizes, not a bandwidth-optimal schedule for huge B)."""
     M, B, D = h_masked.shape
-    dev = h_masked.device
+    dev = check_tensors("kgs_loss_heads_backward_triton", h_masked, h_unmasked, weight, saved_preds, saved_h,
+                        grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked)
     ghm = torch.empty((M, B, D) if needs[0] else (0,), dtype=h_masked.dtype, device=dev)
     ghu = torch.empty((M, B, D) if needs[1] else (0,), dtype=h_masked.dtype, device=dev)
     gw = torch.empty((M, D) if needs[2] else (0,), dtype=torch.float32, device=dev)

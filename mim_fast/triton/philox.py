@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard
+from ._launch import check_tensors, device_guard
 
 
 @triton.jit
@@ -31,6 +31,7 @@ def _philox_uniform_kernel(counters_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
 
 def philox_uniform_counters(counters: torch.Tensor, seed: int) -> torch.Tensor:
     """u[i] = tl.rand(seed, counters[i]) for an int64 tensor of counters (any shape), float32, same shape."""
+    check_tensors("philox_uniform_triton", counters)
     counters = counters.to(torch.int64).contiguous()
     out = torch.empty(counters.shape, dtype=torch.float32, device=counters.device)
     n = out.numel()

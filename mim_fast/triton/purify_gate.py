@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._math import log32, sigmoid32, tanh32
-from ._launch import device_guard
+from ._launch import check_tensors, device_guard
 from .philox import philox_uniform_block
 
 ACT_IDS = {"tanh": 0, "relu": 1, "identity": 2}
@@ -172,7 +172,8 @@ def purify_gate_forward(x, logits, noise, lengths, seed, offset, mode, activatio
                         gamma, threshold, pen_shift):
     """Same signature and results as torch.ops.mim_fast.purify_gate_forward (float32 accumulation)."""
     T, B, D = x.shape
-    dev = x.device
+    # lengths may be on the CPU (copied over below, as the C++ op does)
+    dev = check_tensors("purify_gate_forward_triton", x, logits, noise)
     logits_f = logits.to(torch.float32).contiguous()
     noise_f = noise.to(torch.float32).contiguous() if noise is not None else None
     # clamped to [0, T] like the C++ ops (values on a GPU are not checked: that would need a host sync)
@@ -205,7 +206,7 @@ def purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count,
     """Same signature and results as torch.ops.mim_fast.purify_gate_backward (grad_x is a (0,) tensor,
     never written, when needs_grad_x is false)."""
     T, B, D = x.shape
-    dev = x.device
+    dev = check_tensors("purify_gate_backward_triton", x, grad_pooled, grad_penalty, gate, ste, dq, inv_count)
     G = grad_pooled.to(x.dtype).contiguous()
     h = gate.to(torch.float32).contiguous()
     lens = lengths.to(device=dev, dtype=torch.int64).clamp(0, T).contiguous() if lengths is not None else None
