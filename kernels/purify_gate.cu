@@ -315,6 +315,11 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(GateBackwardArgs 
   const T* __restrict__ xb = static_cast<const T*>(a.x) + b * a.sB;
   T* __restrict__ gxb = kWriteGx ? static_cast<T*>(a.grad_x) + b * a.gB : nullptr;  // fresh tensor: no aliasing
   const bool active = d0 < a.D;
+  // Time steps with loads in flight: half as many for 16-bit features read through scalar loads
+  // (unaligned rows) when ∂L/∂x is not written. Without the stores ptxas hoists every load with its
+  // 64-bit address and spilled at its 128-register budget (two 256-thread blocks per SM); ptxas -v in CI
+  // (benchmarks/ptxas_report.py) fails on any spill.
+  constexpr int U = (kWriteGx || kAligned || sizeof(T) == 4) ? kUnroll : kUnroll / 2;
   // dy = (G / T)·φ'(y): the division first, as autograd of sum(...) / T computes it.
   const float denom = static_cast<float>(len > 0 ? len : 1);
   float gs[V];
@@ -328,10 +333,10 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(GateBackwardArgs 
   for (int i = threadIdx.x; i < tn; i += blockDim.x) h_tile[i] = a.gate[b * a.T + t0 + i];
   __syncthreads();
 
-  for (int i0 = 0; i0 < tn; i0 += kUnroll) {
-    float xv[kUnroll][V];
+  for (int i0 = 0; i0 < tn; i0 += U) {
+    float xv[U][V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // issue every load before using any
+    for (int u = 0; u < U; ++u) {  // issue every load before using any
       const int64_t t = t0 + i0 + u;
       if (active && i0 + u < tn && t < len) {
         load_vec<T, kAligned>(xb + t * a.sT, a.sD, d0, a.D, xv[u]);
@@ -341,7 +346,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(GateBackwardArgs 
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (i0 + u >= tn) break;  // uniform over the block
       const int64_t t = t0 + i0 + u;
       const float h = h_tile[i0 + u];

@@ -32,7 +32,12 @@ def _seed_torch(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip without a GPU. Every test that exercises a GPU backend — marked ``cuda`` or
+    ``triton``, or with "triton" in its name or parameters — is also marked ``gpu``: the set
+    benchmarks/gpu_check.sh runs on the GPU machine (``pytest -m gpu``); CI runs everything on the CPU."""
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
+        if "cuda" in item.keywords or "triton" in item.keywords or "triton" in item.name:
+            item.add_marker(pytest.mark.gpu)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
