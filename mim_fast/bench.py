@@ -567,9 +567,8 @@ def plots(rows: List[Row], out_dir: str) -> List[str]:
     return written
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time every op per provider (eager, torch.compile, fused backends)",
-                       description=__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
+    """The options of ``mim-fast bench``."""
     p.add_argument("--quick", action="store_true", help="a short sweep (a few minutes on 2 CPU cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     p.add_argument("--ops", default="gate,kgs,train", help="comma-separated subset of gate,kgs,train")
