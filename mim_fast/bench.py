@@ -32,7 +32,6 @@ its row and the run goes on; the command then exits with status 1.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json

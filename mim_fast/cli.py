@@ -18,11 +18,11 @@ COMMANDS = {
                "launches per step",
 }
 
-# --threads default of `mim-fast train`. Measured on the 2-core CI VM (benchmarks/train_threads.py,
-# benchmarks/results/2026-12-01-cpu-2core/threads/): the demo's epoch takes the same time or less with 1
-# thread than with 2 when the machine is idle, and 2 threads are 7-40x slower when other jobs load it
-# (OpenMP threads spin-waiting on each other). One thread also gives the same numbers on every machine:
-# results depend on the thread count (reductions are split differently).
+# --threads default of `mim-fast train`. Results depend on the thread count (reductions are split
+# differently): a fixed default gives the same numbers on every machine. And on the 2-core CI VM with other
+# jobs running (load 3-5), 2 threads took 53 s per demo epoch against 4.75 s with 1, and 91 s against 6.0 s
+# at the paper's width and batch (benchmarks/train_threads.py, benchmarks/results/2026-12-01-cpu-2core/
+# threads/): OpenMP threads spin-wait on each other on a contended core.
 DEFAULT_THREADS = 1
 
 
@@ -112,9 +112,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda", "triton"],
                    help="backend of the fused ops (default: auto = the fastest that can run on the device)")
     g.add_argument("--threads", type=_int_at_least(1), default=DEFAULT_THREADS,
-                   help="CPU threads of torch (default: %d: as fast as 2 on an idle 2-core machine, many times "
-                        "faster on a loaded one, and the same numbers everywhere; recorded in metrics.json)"
-                        % DEFAULT_THREADS)
+                   help="CPU threads of torch (default: %d — the same numbers on every machine, and 2 threads "
+                        "were 5-25x slower on a loaded 2-core machine; raise it on an idle many-core CPU; recorded "
+                        "in metrics.json)" % DEFAULT_THREADS)
     g.add_argument("--keep-checkpoints", type=_int_at_least(1), default=3, metavar="K",
                    help="keep the last K epoch checkpoints; --resume falls back to an older one if the newest "
                         "is damaged (default: 3)")
@@ -143,6 +143,8 @@ def _train(args, prog: str) -> int:
         else:
             train.run(train.TrainConfig(**given), overwrite=args.overwrite, **opts)
     except train.Interrupted as exc:
+        if not args.quiet and sys.stderr.isatty():
+            sys.stderr.write("\n")  # end the progress bar's line
         print("%s: %s" % (prog, exc), file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # during setup, before the first write of a new run or any epoch of a resumed one

@@ -469,7 +469,8 @@ class Interrupted(Exception):
         elif resumed:
             msg = "interrupted before any epoch finished; the run is unchanged, rerun with --resume"
         else:
-            msg = "interrupted before the first epoch finished: no checkpoint to resume from"
+            msg = ("interrupted before the first epoch finished: no checkpoint to resume from; rerun with "
+                   "--overwrite to start again")
         super().__init__(msg)
 
 
@@ -500,6 +501,8 @@ def _check_new_run_folder(out: str, overwrite: bool) -> None:
     """A new run may go into a missing or empty folder, or (with --overwrite) replace a run folder's run.
     Reads only; the old run's files are deleted by :func:`_create_run_folder`, after every input is
     checked."""
+    if not out:
+        raise RunFolderError("--out must name a folder")
     _check_writable_path(out)
     names = runs.run_files(out) if os.path.isdir(out) else []
     others = [n for n in (sorted(os.listdir(out)) if os.path.isdir(out) else []) if n not in names]
@@ -529,6 +532,8 @@ def _create_run_folder(out: str, overwrite: bool) -> None:
 def _resume_point(out: str, changes: dict, warn) -> tuple:
     """(config, checkpoint payload, path) of the run in ``out``, from its newest intact checkpoint, with
     ``changes`` applied where --resume allows them."""
+    if not out:
+        raise RunFolderError("--out must name a folder")
     if not os.path.isdir(out):
         raise RunFolderError("--resume: %s is not a folder" % out)
     if not runs.is_run_folder(out):

@@ -104,7 +104,7 @@ def all_of(*reasons: Reason) -> Reason:
 def _assume_constant_result(fn):
     """What ``torch.compiler.assume_constant_result`` does (it sets this one attribute, torch 2.4-2.14),
     without its ``import torch._dynamo``: that import costs ~0.9 s, every `import mim_fast` paid it, and
-    `mim-fast --help` took 3.6 s. tests/test_package.py checks the attribute matches the real decorator's."""
+    `mim-fast --help` took 3.6 s. tests/test_cli.py checks that it matches the real decorator."""
     fn._dynamo_marked_constant = True
     return fn
 
