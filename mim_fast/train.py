@@ -797,7 +797,7 @@ def _plots(result: dict, out: str, log) -> None:
     ax[0].set_title("errors (lower is better)")
     ax[0].set_ylim(bottom=0)
     ax[0].grid(True, alpha=0.3)
-    ax[0].legend(fontsize=8)
+    ax[0].legend(fontsize=8, loc="upper right")
     for key, label in (("acc2", "Acc-2 (sign, non-0 labels)"), ("f1", "weighted F1 (non-0)"),
                        ("acc7", "Acc-7 (7 classes)"), ("corr", "Pearson correlation")):
         ax[1].plot(ep, [h["test"][key] for h in hist], marker=".", label=label)
