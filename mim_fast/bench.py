@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
 import re
@@ -226,9 +227,11 @@ def peak_memory(fn: Callable[[], None], device: str) -> Optional[int]:
     return peak
 
 
-# Lines libkineto (torch.profiler's backend) writes straight to file descriptor 2 on every profiler start and
-# stop, whatever KINETO_LOG_LEVEL says, and once per run on a machine without a GPU driver.
-_PROFILER_NOISE = re.compile(r"^(USDT|STAGE):\S+ \S+ \S+ \S+\.cpp:\d+\]|.*gpuGetDeviceCount failed with code")
+# Lines the profiler's native code writes straight to file descriptor 2: libkineto on every profiler start and
+# stop, whatever KINETO_LOG_LEVEL says, and once per run on a machine without a GPU driver; c10 when a buffer
+# from before the profiled call is freed in it (peak_memory ignores such frees on purpose, see there).
+_PROFILER_NOISE = re.compile(r"^(USDT|STAGE):\S+ \S+ \S+ \S+\.cpp:\d+\]|.*gpuGetDeviceCount failed with code|"
+                             r".*Memory block of unknown size was allocated before the profiling started")
 
 
 @contextlib.contextmanager
@@ -571,9 +574,15 @@ def trust_warning(rows: List[Row]) -> Optional[str]:
     bad = [r for r in measured if r.untrusted]
     if not bad:
         return None
-    return ("WARNING: %d of %d figures are not trustworthy (marked ⚠ in the trust column: %s). Rerun on an idle "
-            "machine before quoting them." % (len(bad), len(measured), "; ".join(sorted({
-                re.sub(r"[\d.]+%", "N%", re.sub(r"load [\d.]+", "load L", r.untrusted)) for r in bad}))))
+    why = []
+    spread = sum("spread" in r.untrusted for r in bad)
+    busy = sum("load" in r.untrusted for r in bad)
+    if spread:
+        why.append("%d with a p20-p80 spread over %d%% of the median" % (spread, round(100 * SPREAD_LIMIT)))
+    if busy:
+        why.append("%d timed while the load average exceeded the core count" % busy)
+    return ("WARNING: %d of %d figures are not trustworthy (⚠ in the trust column): %s. Rerun on an idle machine "
+            "before quoting them." % (len(bad), len(measured), ", ".join(why)))
 
 
 # Fixed colours and markers per provider: the same provider looks the same in every panel and plot.
@@ -636,8 +645,11 @@ def plots(rows: List[Row], out_dir: str) -> List[str]:
             ax.set_xticks(ticks)
             ax.set_xticklabels([("B=%d" % t) if train else _si(t) for t in ticks], fontsize=8)
             ax.xaxis.set_minor_locator(NullLocator())
-            if train:
-                ax.set_ylim(bottom=0)
+            if train:  # few points, linear time axis from 0 with room above the highest marker
+                top = max(getattr(r, key) for rs in provs.values() for r in rs if getattr(r, key) is not None)
+                ax.set_ylim(0, 1.15 * top)
+                if len(ticks) == 1:
+                    ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
             ax.set_title(panel, fontsize=9)
             ax.set_xlabel("batch size B (D=80, T=50)" if train else "elements of x (gate) or h (KGS)")
             ax.set_ylabel(ylabel)
@@ -715,6 +727,9 @@ def main(args) -> int:
         print("mim-fast bench: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    # inductor imports cpp_extension, which warns "No CUDA runtime is found, using CUDA_HOME=..." on a machine
+    # without a GPU driver: irrelevant to the timings, and it would land between the rows
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     meta = machine_info(device)
     copy = copy_bandwidth(device)
     print("copy bandwidth (%s): %.1f GB/s" % (copy["device"], copy["copy_GBps"]), flush=True)
@@ -731,12 +746,12 @@ def main(args) -> int:
         for row in run_group(op, pass_, shape, dname, dtype, size, runnable, device, copy["copy_GBps"],
                              quick=args.quick):
             rows.append(row)
+            if row.median_ms is not None:
+                row.untrusted = untrusted_reason(row, os.cpu_count() or 1)
             print("  %-44s %-21s %s" % (row.case, row.provider, "ERROR " + row.error if row.error else
-                                        "%10.3f ms" % row.median_ms), flush=True)
+                                        "%10.3f ms%s" % (row.median_ms, "  ⚠ " + row.untrusted if row.untrusted
+                                                         else "")), flush=True)
     _ratios(rows)
-    for row in rows:
-        if row.median_ms is not None:
-            row.untrusted = untrusted_reason(row, os.cpu_count() or 1)
     meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     table = markdown(rows, meta, copy)
     print()

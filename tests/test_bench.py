@@ -151,6 +151,8 @@ def test_profiler_chatter_never_reaches_the_output(tmp_path, capfd):
         os.write(2, b"USDT:2026-12-01 05:33:53 8928:8928 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
         os.write(2, b"ERROR:2026-12-01 05:33:53 8928:8928 DeviceProperties.cpp:56] gpuGetDeviceCount failed "
                     b"with code 35\n")
+        os.write(2, b"[W1201 05:58:04.097208926 CPUAllocator.cpp:245] Memory block of unknown size was allocated "
+                    b"before the profiling started, profiler results will not include the deallocation event\n")
         os.write(2, b"a real warning\n")
     assert capfd.readouterr().err == "a real warning\n"
     bench.peak_memory(lambda: torch.ones(10) + 1, "cpu")  # the real profiler
@@ -172,11 +174,17 @@ def test_untrustworthy_figures_are_flagged_and_warned_about():
     rows = [_row(1.0, 1.0, 1.0), _row(2.0, 1.0, 3.0)]
     for r in rows:
         r.untrusted = bench.untrusted_reason(r, cores=2)
-    assert bench.trust_warning(rows).startswith("WARNING: 1 of 2 figures are not trustworthy")
+    assert bench.trust_warning(rows) == ("WARNING: 1 of 2 figures are not trustworthy (⚠ in the trust column): 1 "
+                                         "with a p20-p80 spread over 30% of the median. Rerun on an idle machine "
+                                         "before quoting them.")
     assert bench.trust_warning(rows[:1]) is None
     table = bench.markdown(rows, {"gpu": None, "cpu": "x", "torch_threads": 1, "torch": "t", "triton": None,
                                   "cuda": None, "commit": None, "time": "now"}, {"device": "cpu", "copy_GBps": 1.0})
     assert "| ok |" in table and "| ⚠ p20-p80 spread 100% of the median |" in table and "WARNING: 1 of 2" in table
+    rows[0].load1 = 3.0
+    rows[0].untrusted = bench.untrusted_reason(rows[0], cores=2)
+    assert "2 of 2 figures" in bench.trust_warning(rows) and ", 1 timed while the load average exceeded the core " \
+        "count." in bench.trust_warning(rows)
 
 
 def test_plots_give_each_provider_one_colour_everywhere(tmp_path, monkeypatch):
