@@ -5,15 +5,14 @@
     kgs_loss_with_heads(h_masked, h_unmasked, weight, bias, y, ...)   the same, predictions from the heads
     philox_uniform(seed, offset, shape, device)                  the counter-based gate noise
 
-The math is shared/SPEC.md; ``mim_fast.reference`` is its eager implementation (the "torch" backend).
-"""
-from . import _ext, reference
-from ._ext import build_info, cpu_cache_info, empty_cpu_cache
-from ._types import KGSLossOutput, PurifyGateOutput
-from .ops import (BACKENDS, BackendUnavailableError, available_backends, backend_status, gate_noise, kgs_loss,
-                  kgs_loss_with_heads, philox_uniform, purify_gate)
+The math is docs/math.md; ``mim_fast.reference`` is its eager implementation (the "torch" backend).
 
-from . import nn  # noqa: E402  (after the ops it builds on)
+The public names load on first use (PEP 562): ``import mim_fast`` alone imports neither torch nor the
+extension, so ``mim-fast --help`` answers at once. The first access to any of them imports torch, loads
+the compiled extension (which registers the ``torch.ops.mim_fast`` kernels; a warning says so when it is
+missing) and the ops. Code that calls ``torch.ops.mim_fast.*`` directly imports ``mim_fast.ops`` first.
+"""
+import importlib
 
 __version__ = "0.1.0"
 
@@ -36,3 +35,34 @@ __all__ = [
     "reference",
     "__version__",
 ]
+
+# public name -> the module that defines it (relative to this package)
+_LAZY = {
+    "build_info": "._ext", "cpu_cache_info": "._ext", "empty_cpu_cache": "._ext",
+    "KGSLossOutput": "._types", "PurifyGateOutput": "._types",
+    **{name: ".ops" for name in ("BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
+                                 "gate_noise", "kgs_loss", "kgs_loss_with_heads", "philox_uniform", "purify_gate")},
+}
+_SUBMODULES = ("nn", "reference", "_ext")
+
+
+def _load() -> None:
+    """Import the whole public API at once (the extension first, as the eager package did)."""
+    g = globals()
+    for sub in ("._ext", ".reference", ".ops", ".nn"):
+        importlib.import_module(sub, __name__)
+    for name, module in _LAZY.items():
+        g[name] = getattr(importlib.import_module(module, __name__), name)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:  # also what `from .. import _ext` in a submodule asks for: import just that one
+        return importlib.import_module("." + name, __name__)
+    if name in _LAZY:
+        _load()
+        return globals()[name]
+    raise AttributeError("module 'mim_fast' has no attribute %r" % name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -4,7 +4,7 @@
   be set before triton compiles anything, i.e. here, before any test module imports mim_fast.triton.
 * Randomness: every test gets fresh random inputs. The session draws a base seed (or takes
   MIM_FAST_TEST_SEED to replay a failure); each test seeds torch with (base seed, test id) and the
-  base seed is printed in the header.
+  base seed is printed in the header and again at the end (also under -q, which hides the header).
 """
 import os
 import random
@@ -19,8 +19,17 @@ if not torch.cuda.is_available():
 BASE_SEED = int(os.environ.get("MIM_FAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
-def pytest_report_header(config):
+def _seed_line() -> str:
     return "mim_fast test seed: MIM_FAST_TEST_SEED=%d (set it to replay this run's random inputs)" % BASE_SEED
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Again at the end, where a failure is read, and also under -q (which hides the header).
+    terminalreporter.write_line(_seed_line())
 
 
 @pytest.fixture(autouse=True)

@@ -101,7 +101,15 @@ def all_of(*reasons: Reason) -> Reason:
 
 
 # --- dispatch ---------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does (it sets this one attribute, torch 2.4-2.14),
+    without its ``import torch._dynamo``: that import costs ~0.9 s, every `import mim_fast` paid it, and
+    `mim-fast --help` took 3.6 s. tests/test_cli.py checks that it matches the real decorator."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _status(op: str, device_type: str, dtypes: tuple) -> tuple:
     # Under torch.compile this runs once, at trace time: the answer is a property of the installation
     # (what is built, which device), not of the data, so dispatch adds no graph break.
