@@ -4,6 +4,7 @@
     kgs_loss(yk, yu, y, h, ...)  -> (loss, intra, inter, masked, unmasked, teacher, alpha)
     kgs_loss_with_heads(h_masked, h_unmasked, weight, bias, y, ...)   the same, predictions from the heads
     philox_uniform(seed, offset, shape, device)                  the counter-based gate noise
+    dropout(x, p, seed=, index=, batch_dim=)                     dropout keyed by (seed, global sample index)
 
 The math is docs/math.md; ``mim_fast.reference`` is its eager implementation (the "torch" backend).
 
@@ -25,6 +26,8 @@ __all__ = [
     "backend_status",
     "build_info",
     "cpu_cache_info",
+    "dropout",
+    "dropout_key",
     "empty_cpu_cache",
     "gate_noise",
     "kgs_loss",
@@ -41,7 +44,8 @@ _LAZY = {
     "build_info": "._ext", "cpu_cache_info": "._ext", "empty_cpu_cache": "._ext",
     "KGSLossOutput": "._types", "PurifyGateOutput": "._types",
     **{name: ".ops" for name in ("BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
-                                 "gate_noise", "kgs_loss", "kgs_loss_with_heads", "philox_uniform", "purify_gate")},
+                                 "dropout", "dropout_key", "gate_noise", "kgs_loss", "kgs_loss_with_heads",
+                                 "philox_uniform", "purify_gate")},
 }
 _SUBMODULES = ("nn", "reference", "_ext")
 

@@ -15,6 +15,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .dropout import Dropout, assign_streams
+from .transformer import TransformerEncoder, TransformerEncoderLayer
+
 __all__ = ["EncoderOutput", "SequenceEncoder", "WordEncoder", "BertEncoder", "masked_mean", "activation_fn"]
 
 
@@ -59,9 +62,10 @@ class SequenceEncoder(nn.Module):
     """Conv1d(d_in → D, k=3, padding 1, no bias) over time, then optionally an L-layer Transformer encoder.
 
     As published: audio and vision use 3 layers, 5 heads, embedding scaled by √D plus sinusoidal positions,
-    embedding dropout 0.2, residual/ReLU dropout 0.3, attention dropout 0.5 (torch's layer has one dropout
-    for attention and residual; we use the residual one, 0.3), pre-norm layers and a final LayerNorm. Text
-    features use the Conv1d only (layers=0).
+    embedding dropout 0.2, residual/ReLU dropout 0.3, attention dropout 0.5 (this encoder, as torch's layer,
+    has one rate for attention and residual; we use the residual one, 0.3), pre-norm layers and a final
+    LayerNorm. Text features use the Conv1d only (layers=0). Every dropout is a counter-based
+    :class:`~mim_fast.nn.Dropout` keyed by the forward's (seed, index): see :mod:`mim_fast.nn.transformer`.
 
     Input (B, T, d_in) batch-first; output X (T, B, D) and u (B, D). ``lengths`` (B,) mask the attention
     over padding and restrict the pooling to valid steps.
@@ -77,23 +81,25 @@ class SequenceEncoder(nn.Module):
         self.layers = layers
         if layers > 0:
             self.positions = SinusoidalPositions(d_model)
-            self.embed_dropout = nn.Dropout(embed_dropout)
-            layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=4 * d_model, dropout=dropout,
-                                               activation="relu", norm_first=True)
-            self.transformer = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model),
-                                                     enable_nested_tensor=False)
+            self.embed_dropout = Dropout(embed_dropout, batch_dim=1)
+            layer = TransformerEncoderLayer(d_model, heads, dim_feedforward=4 * d_model, dropout=dropout)
+            self.transformer = TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model))
+            assign_streams(self)  # (a model holding several encoders renumbers them all: MIM does)
 
-    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> EncoderOutput:
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                index: Optional[torch.Tensor] = None) -> EncoderOutput:
+        """x (B, T, d_in); lengths (B,) or None; seed, index: the dropout keys of this forward (training
+        mode only; see mim_fast.nn.Dropout: None draws a seed from torch's generator, index 0..B-1)."""
         h = self.proj(x.transpose(1, 2)).permute(2, 0, 1)  # (B, d_in, T) → (B, D, T) → (T, B, D)
         if self.layers > 0:
             T = h.shape[0]
             h = math.sqrt(h.shape[-1]) * h + self.positions(T)[:, None, :].to(h.dtype)
-            h = self.embed_dropout(h)
+            h = self.embed_dropout(h, seed, index)
             pad = None
             if lengths is not None:
                 pad = torch.arange(T, device=h.device)[None, :] >= lengths.to(h.device)[:, None]  # (B, T)
                 pad = pad & ~pad.all(dim=1, keepdim=True)  # an empty sample attends to its padding, not to nothing
-            h = self.transformer(h, src_key_padding_mask=pad)
+            h = self.transformer(h, pad, seed, index)
         return EncoderOutput(h, masked_mean(activation_fn(self.activation)(h), lengths))
 
 
@@ -105,7 +111,8 @@ class WordEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, d_embed, padding_idx=0)
         self.proj = SequenceEncoder(d_embed, d_model, layers=0, activation=activation)
 
-    def forward(self, ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> EncoderOutput:
+    def forward(self, ids: torch.Tensor, lengths: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                index: Optional[torch.Tensor] = None) -> EncoderOutput:
         return self.proj(self.embed(ids), lengths)
 
 
@@ -122,7 +129,10 @@ class BertEncoder(nn.Module):
         self.bert = AutoModel.from_pretrained(path, local_files_only=True)
         self.proj = SequenceEncoder(self.bert.config.hidden_size, d_model, layers=0, activation=activation)
 
-    def forward(self, ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> EncoderOutput:
+    def forward(self, ids: torch.Tensor, lengths: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                index: Optional[torch.Tensor] = None) -> EncoderOutput:
+        # BERT's own dropout draws from torch's generator (seed and index are not used): with BERT, training
+        # is not independent of the number of processes.
         mask = (ids != 0).long()
         hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, hidden)
         return self.proj(hidden, lengths)

@@ -12,7 +12,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from .. import reference
+from ..ops.philox import gate_noise
 from ..profiling import named_range
+from .dropout import assign_streams
 from .encoders import BertEncoder, SequenceEncoder, WordEncoder
 from .fusion import Fusion
 from .purification import MaskLearner
@@ -97,6 +100,7 @@ class MIM(nn.Module):
                                                 backend=backend, eval_mode=eval_mode, **gate_kwargs)
             self.heads[spec.name] = nn.Linear(d_model, 1)
         self.fusion = Fusion(d_model, len(modalities), fusion)
+        assign_streams(self)  # every dropout site of the model draws from its own stream
 
     @property
     def names(self) -> List[str]:
@@ -108,30 +112,47 @@ class MIM(nn.Module):
         return [p for m in self.masks.values() for p in m.parameters()]
 
     def forward(self, inputs: Dict[str, torch.Tensor], lengths: Optional[Dict[str, torch.Tensor]] = None,
-                noise: Optional[Dict[str, torch.Tensor]] = None, seed: Optional[int] = None) -> MIMOutput:
+                noise: Optional[Dict[str, torch.Tensor]] = None, seed: Optional[int] = None,
+                index: Optional[torch.Tensor] = None) -> MIMOutput:
         """inputs[name]: (B, T, d_in) features or (B, T) token ids, batch-first; lengths[name]: (B,) or
-        absent (all T valid); noise[name]: (B, T) uniform gate noise (see mim_fast.gate_noise), else the
-        gate draws it from ``seed`` (offset by the modality's index·B·T) or torch's default generator."""
+        absent (all T valid).
+
+        Randomness (training mode; in eval only a gate with ``eval_mode="sample"`` draws) is a function of
+        (``seed``, ``index``): modality i's gate noise is ``mim_fast.gate_noise((seed + i) mod 2^62, index,
+        T_i)`` unless ``noise[name]`` (B, T) is given, and every dropout element of the encoders is keyed
+        by (seed, its site's stream, index[b], element) (see :func:`mim_fast.dropout`). ``index`` (B,) int:
+        the samples' global indices (default 0..B-1), so a sample draws the same noise and masks in any
+        batch, position or process. ``seed`` None: one seed is drawn from torch's default CPU generator
+        (``torch.manual_seed`` makes the forward repeatable), only when something will draw.
+        """
         lengths = lengths or {}
-        noise = noise or {}
+        noise = dict(noise or {})
+        missing = [n for n in self.names if n not in inputs]
+        if missing:
+            raise ValueError("inputs is missing modality %r (expected keys %s)" % (missing[0], self.names))
+        first = inputs[self.names[0]]
+        if index is None:
+            index = torch.arange(first.shape[0], device=first.device)
+        sampled = [i for i, s in enumerate(self.specs) if s.name not in noise and
+                   (self.training or self.masks[s.name].mask.eval_mode == "sample")]
+        if seed is None and (self.training or sampled):
+            seed = reference.draw_seed()
+        for i in sampled:
+            spec = self.specs[i]
+            noise[spec.name] = gate_noise((seed + i) % 2**62, index, spec.seq_len)
         ks, us, yks, yus, pens, gates, logits = [], [], [], [], [], [], []
-        for i, spec in enumerate(self.specs):
-            if spec.name not in inputs:
-                raise ValueError("inputs is missing modality %r (expected keys %s)" % (spec.name, self.names))
+        for spec in self.specs:
             lens = lengths.get(spec.name)
             with named_range("mim/encoder/" + spec.name):
-                enc = self.encoders[spec.name](inputs[spec.name], lens)
+                enc = self.encoders[spec.name](inputs[spec.name], lens, seed, index)
             x = enc.sequence
-            T, B = x.shape[0], x.shape[1]
-            gate_seed = None if seed is None or spec.name in noise else seed
             # The mask learner's forward in its two parts, so that a profile tells the BiLSTM and MLPs
             # from the fused gate (MaskLearner.forward is exactly these two calls).
             mask = self.masks[spec.name]
             with named_range("mim/mask_learner/" + spec.name):
                 logit = mask.gate_logits(x)
             with named_range("mim/gate/" + spec.name):
-                out = mask.mask(x, logit, lens, noise=noise.get(spec.name), seed=gate_seed,
-                                offset=i * B * T if gate_seed is not None else 0)
+                out = mask.mask(x, logit, lens, noise=noise.get(spec.name))
             with named_range("mim/heads"):
                 head = self.heads[spec.name]
                 ks.append(out.pooled)

@@ -7,7 +7,7 @@ import torch
 from .. import _ext, reference
 from . import _backends, _checks
 
-__all__ = ["philox_uniform", "gate_noise"]
+__all__ = ["philox_uniform", "gate_noise", "philox_counters"]
 
 
 def philox_uniform(seed: int, offset: int, shape: Sequence[int], device=None, *, backend: str = "auto") -> torch.Tensor:
@@ -55,10 +55,20 @@ def gate_noise(seed: int, index: torch.Tensor, T: int, *, backend: str = "auto")
     counters = index.to(torch.int64)[:, None] * T + torch.arange(T, dtype=torch.int64, device=index.device)
     if backend not in ("auto", "torch", "cpu", "cuda"):
         raise ValueError("backend must be 'auto', 'torch', 'cpu' or 'cuda'; got %r" % (backend,))
-    status = _backends.backend_status("philox_uniform", index.device, (torch.float32,))
-    if backend in ("cpu", "cuda") and status[backend]:
-        raise _backends.BackendUnavailableError("gate_noise: backend %r cannot run here: %s" % (backend, status[backend]))
-    native = index.device.type if index.device.type in ("cpu", "cuda") else None
+    return philox_counters(seed, counters, backend=backend)
+
+
+def philox_counters(seed: int, counters: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """float32 u[i] = tl.rand(seed, counters[i]) for an int64 tensor of counters (any shape, on its device),
+    on ``backend``: "auto" (the extension's kernel for the device when it is loaded, else the torch
+    reference), "torch", "cpu", "cuda" or "triton". Every backend gives the same bits."""
+    device = counters.device
+    status = _backends.backend_status("philox_uniform", device, (torch.float32,))
+    if backend in ("cpu", "cuda", "triton") and status[backend]:
+        raise _backends.BackendUnavailableError("philox: backend %r cannot run here: %s" % (backend, status[backend]))
+    if backend == "triton":
+        return torch.ops.mim_fast.philox_uniform_triton(counters, seed)
+    native = device.type if device.type in ("cpu", "cuda") else None
     if backend != "torch" and native and status[native] is None:
         return torch.ops.mim_fast.philox_uniform(counters, seed)
     return reference.philox_uniform_counters(seed, counters)
