@@ -7,6 +7,7 @@ for a mistake in the arguments (nothing is written), 1 for a failure while runni
 ``mim-fast train --debug`` shows the traceback instead.
 """
 import argparse
+import os
 import sys
 
 COMMANDS = {
@@ -115,6 +116,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads of torch (default: %d — the same numbers on every machine, and 2 threads "
                         "were 5-25x slower on a loaded 2-core machine; raise it on an idle many-core CPU; recorded "
                         "in metrics.json)" % DEFAULT_THREADS)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (off by default: on this project's 2-core CPU a compiled "
+                        "step measured slower than eager, see README; recorded in metrics.json)")
     g.add_argument("--keep-checkpoints", type=_int_at_least(1), default=3, metavar="K",
                    help="keep the last K epoch checkpoints; --resume falls back to an older one if the newest "
                         "is damaged (default: 3)")
@@ -134,7 +138,11 @@ def _train(args, prog: str) -> int:
     if args.routing is not None:
         given["per_sample"] = args.routing == "per-sample"
     opts = dict(progress=not args.quiet, keep_checkpoints=args.keep_checkpoints, threads=args.threads,
-                trust_data=args.trust_data)
+                trust_data=args.trust_data, compile=args.compile)
+    # Under torchrun every process runs this; rank 0 reports, the others print only errors of their own.
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:
+        prog = "%s (rank %d)" % (prog, rank)
     try:
         if args.resume and args.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
@@ -143,16 +151,24 @@ def _train(args, prog: str) -> int:
         else:
             train.run(train.TrainConfig(**given), overwrite=args.overwrite, **opts)
     except train.Interrupted as exc:
+        if rank:
+            return 130
         if not args.quiet and sys.stderr.isatty():
             sys.stderr.write("\n")  # end the progress bar's line
         print("%s: %s" % (prog, exc), file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # during setup, before the first write of a new run or any epoch of a resumed one
+        if rank:
+            return 130
         print("%s: interrupted before training started; nothing was written" % prog, file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 — one line, never a traceback (unless --debug)
+        from .distributed import PeerFailed
+
         if args.debug:
             raise
+        if rank and isinstance(exc, PeerFailed):  # rank 0 reports it
+            return 1
         print("%s: error: %s" % (prog, _describe(exc, given.get("out"))), file=sys.stderr)
         usage = isinstance(exc, ValueError) and not isinstance(exc, (train.CheckpointError, train.TrainingDiverged))
         return 2 if usage else 1

@@ -17,6 +17,7 @@ run exactly (same device, backend and thread count).
 The run folder, its atomic writes and its verified checkpoints are :mod:`mim_fast.runs`'s. ``run``
 starts a run, ``resume`` continues one; both check every input before they write anything.
 """
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -26,21 +27,24 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, NamedTuple, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from . import data as data_lib
+from . import distributed
 from . import metrics as metrics_lib
 from . import runs
+from ._types import KGSLossOutput
+from .distributed import World
 from .nn import MIM, ModalitySpec
 from .ops import BACKENDS, gate_noise, kgs_loss
 from .runs import CheckpointError, RunFolderError
 from .profiling import named_range
 
-__all__ = ["TrainConfig", "Batch", "batches", "load_for_training", "run", "resume", "build_model", "train_step",
-           "evaluate", "resolve_device", "resolve_backends", "environment", "RunFolderError", "RunFolderExists",
+__all__ = ["TrainConfig", "Batch", "GlobalPart", "batches", "load_for_training", "run", "resume", "build_model", "train_step",
+           "compute_losses", "Optimizers", "compile_model", "evaluate", "resolve_device", "resolve_backends", "environment", "RunFolderError", "RunFolderExists",
            "CheckpointError", "Interrupted", "TrainingDiverged"]
 
 
@@ -120,6 +124,9 @@ class TrainConfig:
                                      # options (replaces DEMO_SYNTHETIC as a whole when given)
     max_len: int = 50                # MAG-BERT pickles: pad/truncate to this many words
     bert_path: Optional[str] = None  # a local Hugging Face BERT for token-id text (else a learned embedding)
+    # Set by mim-fast train, not a setting: the number of processes that trained the run (torchrun's
+    # WORLD_SIZE; see mim_fast.distributed). The trajectory does not depend on it, up to float32 rounding.
+    world_size: int = 1
 
     def __post_init__(self):
         demo = self.data == "synthetic"
@@ -158,7 +165,8 @@ class TrainConfig:
         if not isinstance(self.out, str):
             bad("out", "a folder path")
         for name, minimum in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("d_model", 2), ("heads", 1),
-                              ("mask_ratio", 1), ("text_layers", 0), ("av_layers", 0), ("max_len", 1)):
+                              ("mask_ratio", 1), ("text_layers", 0), ("av_layers", 0), ("max_len", 1),
+                              ("world_size", 1)):
             integer(name, minimum)
         for name in ("lr", "kd_scale"):
             number(name, positive=True)
@@ -261,26 +269,50 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 2)
 
 
+class GlobalPart(NamedTuple):
+    """Where one process's batch sits in its step's global batch (multi-process training: see
+    :mod:`mim_fast.distributed`)."""
+
+    start: int              # position of this process's first sample in the global batch
+    size: int               # samples in the global batch, B
+    steps: Dict[str, int]   # valid (unpadded) steps per modality in the global batch: the gate penalty's denominator
+
+
 class Batch(NamedTuple):
-    """A batch on the training device: inputs/lengths/impurity keyed by modality, labels (B,), index (B,)."""
+    """A batch on the training device: inputs/lengths/impurity keyed by modality, labels (B,), index (B,)
+    (the samples' global indices: they key gate noise and dropout). ``part``: where the batch sits in its
+    step's global batch when several processes share the step (None: the batch is the global batch)."""
 
     inputs: Dict[str, torch.Tensor]
     lengths: Dict[str, torch.Tensor]
     labels: torch.Tensor
     index: torch.Tensor
     impurity: Optional[Dict[str, torch.Tensor]]
+    part: Optional[GlobalPart] = None
 
 
-def batches(split, batch_size: int, *, shuffle: bool, device: torch.device, seed: int = 0) -> Iterator[Batch]:
-    """Batches of a :class:`~mim_fast.data.MultimodalSplit`, shuffled by a generator seeded with ``seed``."""
+def batches(split, batch_size: int, *, shuffle: bool, device: torch.device, seed: int = 0,
+            world: Optional[World] = None) -> Iterator[Batch]:
+    """Global batches of ``batch_size`` samples of a :class:`~mim_fast.data.MultimodalSplit` (the last one
+    may be smaller), shuffled by a generator seeded with ``seed``. With a ``world`` of several processes,
+    every process goes through the same global batches and gets only its part of each
+    (:func:`mim_fast.distributed.shard`: contiguous, the first B mod N ranks one sample more, possibly
+    none), with ``part`` saying where it sits; nothing is padded or dropped."""
+    world = world or World()
     n = len(split)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        raw = split.batch(order[start:start + batch_size])
+    for first in range(0, n, batch_size):
+        members = order[first:first + batch_size]
+        start, stop = distributed.shard(len(members), world)
+        raw = split.batch(members[start:stop])
+        part = None
+        if world.size > 1:
+            part = GlobalPart(start, len(members), {m: int(split.lengths[m][members].sum())
+                                                    for m in data_lib.MODALITIES})
         impurity = {m: raw[m + "_impurity"] for m in data_lib.MODALITIES if m + "_impurity" in raw} or None
         yield Batch({m: raw[m].to(device) for m in data_lib.MODALITIES},
                     {m: raw[m + "_lengths"].to(device) for m in data_lib.MODALITIES},
-                    raw["labels"].to(device), raw["index"].to(device), impurity)
+                    raw["labels"].to(device), raw["index"].to(device), impurity, part)
 
 
 def load_for_training(config: TrainConfig, *, trusted: bool = False):
@@ -320,8 +352,21 @@ def build_model(dataset, config: TrainConfig) -> MIM:
     return model
 
 
+def _unwrap(model) -> MIM:
+    """The MIM inside a DistributedDataParallel (or other ``.module``) wrapper, or the model itself."""
+    return model.module if isinstance(getattr(model, "module", None), MIM) else model
+
+
+def _no_sync(model):
+    """DistributedDataParallel's ``no_sync`` for a wrapped model: the step takes its two gradient sets with
+    torch.autograd.grad, which DDP's reducer never sees, and all-reduces them itself."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
 def _noise(model: MIM, batch, seed: int) -> Dict[str, torch.Tensor]:
-    """Gate noise keyed by (seed, modality, global sample index): independent of batch order."""
+    """Gate noise keyed by (seed, modality, global sample index): independent of batch order; what
+    ``model(..., seed=seed, index=batch.index)`` draws itself."""
+    model = _unwrap(model)
     return {spec.name: gate_noise((seed + i) % 2**62, batch.index, spec.seq_len) for i, spec in enumerate(model.specs)}
 
 
@@ -331,27 +376,90 @@ def _autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if config.amp == "bf16" else torch.float16)
 
 
+def _global_part(batch, world: World) -> Optional[GlobalPart]:
+    if batch.part is None and world.size > 1:
+        raise ValueError("a training step on %d processes needs each batch's place in the global batch: build the "
+                         "batches with mim_fast.train.batches(..., world=mim_fast.distributed.current())" % world.size)
+    return batch.part
+
+
+def _kgs_share(out, y: torch.Tensor, config: TrainConfig, part: Optional[GlobalPart], world: World) -> KGSLossOutput:
+    """The KGS terms of this process's samples, summed and divided by the global batch size; teacher and
+    alpha of its samples. Routing by batch means (per_sample=False) on several processes uses the global
+    batch's errors: the other processes' predictions enter as constants (assembled by one all_reduce)."""
+    yk, yu, h = out.yk.float(), out.yu.float(), out.purified.float()
+    opts = dict(per_sample=config.per_sample, kd_scale=config.kd_scale, kd_divide_T=config.kd_divide_T,
+                backend=config.backend)
+    n = y.shape[0]
+    if config.per_sample or world.size == 1:
+        size = n if part is None else part.size
+        k = kgs_loss(yk, yu, y, h, reduction="sum", **opts)
+        return KGSLossOutput(*(t / size for t in k[:5]), k.teacher, k.alpha)
+    M, start, size = yk.shape[0], part.start, part.size
+    stop = start + n
+    glob = distributed.assemble_global(torch.cat([yk, yu, y.float()[None]]), start, size, world)
+
+    def whole(local, everyone):  # this process's live values among the global batch's constants (dim 1: samples)
+        return torch.cat([everyone[:, :start], local, everyone[:, stop:]], dim=1)
+
+    zeros = h.new_zeros(M, size, h.shape[2])  # other samples' h: only their own (discarded) inter terms read it
+    k = kgs_loss(whole(yk, glob[:M]), whole(yu, glob[M:2 * M]), glob[2 * M], whole(h, zeros), reduction="none",
+                 **opts)
+    return KGSLossOutput(*(t[start:stop].sum() / size for t in k[:5]), k.teacher[start:stop], k.alpha[:, start:stop])
+
+
+def _penalty_share(penalty: torch.Tensor, batch, part: Optional[GlobalPart], model: MIM) -> torch.Tensor:
+    """Σ_m P_m of the global batch, this process's share: each modality's mean over its valid steps
+    weighted by its share of the global batch's valid steps (P_m averages over valid steps)."""
+    if part is None:
+        return penalty.sum()
+    shares = []
+    for i, spec in enumerate(model.specs):
+        lens = batch.lengths.get(spec.name) if batch.lengths else None
+        mine = lens.sum() if lens is not None else torch.tensor(len(batch.labels) * spec.seq_len)
+        total = part.steps.get(spec.name, part.size * spec.seq_len)
+        shares.append(penalty[i] * (mine.to(penalty) / total) if total else penalty[i] * 0)
+    return torch.stack(shares).sum()
+
+
 def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, device: torch.device):
-    """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B)."""
+    """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B).
+
+    ``model`` may be wrapped in DistributedDataParallel: its forward then runs under ``no_sync``, since the
+    step takes its two gradient sets with torch.autograd.grad and all-reduces them itself
+    (:class:`Optimizers`). Gate noise and dropout are keyed by (``noise_seed``, global sample index).
+
+    Each loss is this process's share of the global batch's (``batch.part``; without one the batch is the
+    global batch): a sum over its samples divided by the global batch size B — the gate penalty P_m weighted
+    by its share of the global batch's valid steps — so that summed over processes the losses, and their
+    gradients, are the global batch's means exactly, however the batch was split. KGS routing by batch
+    means (``per_sample=False``) uses the whole global batch's errors (one all_reduce of (2M+1, B) floats)."""
+    net = _unwrap(model)
+    world = distributed.current()
+    part = _global_part(batch, world)
     inputs, lengths, y = batch.inputs, batch.lengths, batch.labels
+    size = len(y) if part is None else part.size
     with named_range("mim/gate_noise"):
-        noise = _noise(model, batch, noise_seed)
-    with _autocast(config, device):
-        out = model(inputs, lengths, noise=noise)
+        noise = _noise(net, batch, noise_seed)
+    with _autocast(config, device), _no_sync(model):
+        out = model(inputs, lengths, noise=noise, seed=noise_seed, index=batch.index)
     with named_range("mim/kgs_loss"):
-        kgs = kgs_loss(out.yk.float(), out.yu.float(), y, out.purified.float(), per_sample=config.per_sample,
-                       kd_scale=config.kd_scale, kd_divide_T=config.kd_divide_T, backend=config.backend)
+        kgs = _kgs_share(out, y, config, part, world)
     with named_range("mim/task_loss"):
-        task = (out.prediction.float() - y).abs().mean()
-        loss_a = config.penalty_weight * out.penalty.float().sum() + kgs.masked
+        task = (out.prediction.float() - y).abs().sum() / size
+        penalty = _penalty_share(out.penalty.float(), batch, part, net)
+        loss_a = config.penalty_weight * penalty + kgs.masked
         loss_b = kgs.unmasked + kgs.inter + kgs.intra + task
     return out, kgs, task, loss_a, loss_b
 
 
 class Optimizers:
-    """Adam over the mask learners (phase A) and Adam over everything (phase B), or one joint Adam."""
+    """Adam over the mask learners (phase A) and Adam over everything (phase B), or one joint Adam. On
+    several processes (torch.distributed initialized) each step sums both gradient sets over the processes
+    (one bucketed all_reduce) before either Adam step, so every process takes the same steps."""
 
     def __init__(self, model: MIM, config: TrainConfig, device: torch.device):
+        model = _unwrap(model)
         self.config = config
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.upn = model.upn_parameters()
@@ -362,45 +470,100 @@ class Optimizers:
             self.opts = [torch.optim.Adam(self.params, **kw)]
         else:
             raise ValueError("optimizer must be 'two-phase' or 'joint'; got %r" % config.optimizer)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+        # Only fp16 needs loss scaling; with AMP off the step makes no GradScaler call at all.
+        self.scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
 
-    def step(self, loss_a: torch.Tensor, loss_b: torch.Tensor) -> None:
-        sc = self.scaler
+    @property
+    def groups(self) -> List[list]:
+        return [self.params] if self.config.optimizer == "joint" else [self.upn, self.params]
+
+    def gradients(self, loss_a: Optional[torch.Tensor], loss_b: Optional[torch.Tensor]) -> List[tuple]:
+        """This process's gradient sets (None where a loss does not reach a parameter; all None when the
+        process had no samples: ``loss_a`` None)."""
+        groups = self.groups
+        if loss_a is None:
+            return [(None,) * len(g) for g in groups]
+        losses = [loss_a + loss_b] if self.config.optimizer == "joint" else [loss_a, loss_b]
+        if self.scaler is not None:
+            losses = [self.scaler.scale(v) for v in losses]
+        # Both gradient sets from the same graph before either step: the released code's in-place order
+        # (step A, then backward B through the updated weights) fails on PyTorch >= 1.5.
+        return [torch.autograd.grad(v, g, retain_graph=k + 1 < len(groups), allow_unused=True)
+                for k, (v, g) in enumerate(zip(losses, groups))]
+
+    def step(self, loss_a: Optional[torch.Tensor], loss_b: Optional[torch.Tensor]) -> None:
+        world = distributed.current()
         with named_range("mim/backward"):
-            if self.config.optimizer == "joint":
-                grads = [torch.autograd.grad(sc.scale(loss_a + loss_b), self.params, allow_unused=True)]
-                groups = [self.params]
-            else:
-                # Both gradient sets from the same graph before either step: the released code's in-place
-                # order (step A, then backward B through the updated weights) fails on PyTorch >= 1.5.
-                grads = [torch.autograd.grad(sc.scale(loss_a), self.upn, retain_graph=True, allow_unused=True),
-                         torch.autograd.grad(sc.scale(loss_b), self.params, allow_unused=True)]
-                groups = [self.upn, self.params]
+            grads = self.gradients(loss_a, loss_b)
+        if world.size > 1:
+            with named_range("mim/all_reduce"):
+                grads = distributed.all_reduce_gradients(grads, self.groups, world)
         with named_range("mim/optimizer"):
-            for opt, params, gs in zip(self.opts, groups, grads):
+            for opt, params, gs in zip(self.opts, self.groups, grads):
                 for p, g in zip(params, gs):
                     p.grad = None if g is None else g.detach()
-                sc.step(opt)
+                if self.scaler is not None:
+                    self.scaler.step(opt)
+                else:
+                    opt.step()
                 for p in params:
                     p.grad = None
-            sc.update()
+            if self.scaler is not None:
+                self.scaler.update()
 
     def state_dict(self):
-        return {"opts": [o.state_dict() for o in self.opts], "scaler": self.scaler.state_dict()}
+        return {"opts": [o.state_dict() for o in self.opts],
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def load_state_dict(self, state):
         for o, s in zip(self.opts, state["opts"]):
             o.load_state_dict(s)
-        self.scaler.load_state_dict(state["scaler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def compile_model(model: MIM) -> MIM:
+    """``torch.compile`` (fullgraph, in place) the part of MIM's forward that compiles whole and does most
+    of its arithmetic: every encoder with Transformer layers (Conv1d, the layers with their counter-based
+    dropout, the unpurified pooling; a Conv1d-only encoder has nothing to fuse). ``nn.Module.compile``
+    keeps parameter names, so checkpoints do not change. Each compiled encoder makes a graph for training
+    and one for evaluation, and one more (with a dynamic batch size) when the batch size first changes.
+
+    Not compiled, each for a reason: the BiLSTM mask learners (dynamo unrolls an LSTM over time: a
+    graph of T cells, and compiling the whole forward that way took 287 s here and ran slower); the gate
+    and KGS ops (fused custom ops already); the loss sums and the two-phase update (the two
+    torch.autograd.grad calls end any graph; the compiled encoders' backward runs inside them). Measured on
+    the 2-core CPU (README, "Multi-process training"): no faster than eager, so ``--compile`` is off by
+    default. Returns ``model``."""
+    for encoder in _unwrap(model).encoders.values():
+        if getattr(encoder, "layers", 0):
+            encoder.compile(fullgraph=True)
+    return model
+
+
+LOGGED = ("task", "masked", "unmasked", "intra", "inter", "penalty")
 
 
 def train_step(model: MIM, opt: Optimizers, batch, config: TrainConfig, noise_seed: int, device: torch.device):
-    """One MIM update; returns the step's detached losses (floats) for logging."""
-    out, kgs, task, loss_a, loss_b = compute_losses(model, batch, config, noise_seed, device)
-    opt.step(loss_a, loss_b)
-    logged = {"task": task, "masked": kgs.masked, "unmasked": kgs.unmasked, "intra": kgs.intra, "inter": kgs.inter,
-              "penalty": out.penalty.sum()}
-    return {k: float(v.detach()) for k, v in logged.items()}
+    """One MIM update; returns this process's shares of the step's losses (:data:`LOGGED`) as detached 0-d
+    float32 tensors on ``device`` — no host sync; summed over processes they are the global batch's.
+
+    A process whose part of the global batch is empty (the last batch of an epoch can be smaller than the
+    number of processes) runs no forward pass but takes part in the step's collectives with nothing, and
+    takes the same Adam steps as the others."""
+    if len(batch.labels):
+        out, kgs, task, loss_a, loss_b = compute_losses(model, batch, config, noise_seed, device)
+        opt.step(loss_a, loss_b)
+        penalty = _penalty_share(out.penalty.float(), batch, batch.part, _unwrap(model))
+        logged = (task, kgs.masked, kgs.unmasked, kgs.intra, kgs.inter, penalty)
+        return {k: v.detach().float() for k, v in zip(LOGGED, logged)}
+    world = distributed.current()
+    part = _global_part(batch, world)
+    if not config.per_sample and world.size > 1:  # the all_reduce of _kgs_share, with no samples
+        distributed.assemble_global(torch.zeros(2 * len(_unwrap(model).specs) + 1, 0, device=device), 0, part.size,
+                                    world)
+    opt.step(None, None)
+    return {k: torch.zeros((), device=device) for k in LOGGED}
 
 
 class TrainingDiverged(ValueError):
@@ -412,13 +575,14 @@ def evaluate(model: MIM, split, config: TrainConfig, device: torch.device, seed:
              epoch: Optional[int] = None) -> dict:
     """Predictions of a split (eval mode) → the MAG-BERT metrics, the L1 loss, and, where the split has
     ground-truth impurity masks, the purification quality of the gates. Raises :class:`TrainingDiverged`
-    when a prediction is NaN/inf."""
+    when a prediction is NaN/inf. (Runs in this process alone: in multi-process training, rank 0.)"""
+    model = _unwrap(model)
     model.eval()
     preds, labels, gates, masks, lens = [], [], {n: [] for n in model.names}, {n: [] for n in model.names}, \
         {n: [] for n in model.names}
     for batch in batches(split, config.batch_size, shuffle=False, device=device):
         with _autocast(config, device):
-            out = model(batch.inputs, batch.lengths, noise=_noise(model, batch, seed))
+            out = model(batch.inputs, batch.lengths, noise=_noise(model, batch, seed), seed=seed, index=batch.index)
         preds.append(out.prediction.float().cpu())
         labels.append(batch.labels.cpu())
         if batch.impurity is not None:
@@ -442,13 +606,16 @@ def evaluate(model: MIM, split, config: TrainConfig, device: torch.device, seed:
     return res
 
 
-def _progress(epoch: int, epochs: int, i: int, n: int, t0: float, loss: float, enabled: bool) -> None:
+def _progress(epoch: int, epochs: int, i: int, n: int, t0: float, loss, enabled: bool) -> None:
+    """The progress bar on a terminal; ``loss`` a callable giving the running train L1 (read only when the
+    bar is drawn: it costs a device sync), or None (several processes: rank 0 holds only its share)."""
     if not enabled or not sys.stderr.isatty():  # a bar redrawn with \r only makes sense on a terminal
         return
     width = 24
     done = int(width * i / max(n, 1))
-    sys.stderr.write("\r  epoch %3d/%d [%s%s] %4d/%d  L1 %.4f  %.1fs" % (
-        epoch, epochs, "#" * done, "." * (width - done), i, n, loss, time.time() - t0))
+    sys.stderr.write("\r  epoch %3d/%d [%s%s] %4d/%d %s %.1fs" % (
+        epoch, epochs, "#" * done, "." * (width - done), i, n,
+        " L1 %.4f " % loss() if loss is not None else "", time.time() - t0))
     if i == n:
         sys.stderr.write("\n")
     sys.stderr.flush()
@@ -476,7 +643,7 @@ class Interrupted(Exception):
 
 # What --resume may change: where and how fast the run computes, and how long it goes on. Everything else
 # shapes the trajectory, so it stays as saved.
-RESUME_CHANGEABLE = ("epochs", "device", "backend")
+RESUME_CHANGEABLE = ("epochs", "device", "backend", "world_size")
 
 
 def _preview(names) -> str:
@@ -598,7 +765,7 @@ def _checkpoint_payload(model, opt, state, config, epoch) -> dict:
 
 def run(config: TrainConfig, *, overwrite: bool = False, progress: bool = True, keep_checkpoints: int = 3,
         threads: Optional[int] = None, trust_data: bool = False, stop_after_steps: Optional[int] = None,
-        log=print, warn=_warn) -> dict:
+        compile: bool = False, log=print, warn=_warn) -> dict:
     """Train and evaluate a new run in ``config.out``; returns (and writes to <out>/metrics.json) the
     history, the best epoch and its test metrics, a trivial baseline and the environment.
 
@@ -609,30 +776,47 @@ def run(config: TrainConfig, *, overwrite: bool = False, progress: bool = True, 
     ``keep_checkpoints`` are kept) and metrics.json is updated. ``threads``: torch's intra-op threads
     (None: as set). ``trust_data``: unpickle data files without the plain-data restriction.
     ``stop_after_steps`` stops the run after that many training steps in total (without a checkpoint for
-    the unfinished epoch), as a crash would — for tests. Ctrl-C raises :class:`Interrupted`."""
+    the unfinished epoch), as a crash would — for tests. ``compile``: torch.compile the model's forward
+    (see :func:`compile_model`). Ctrl-C raises :class:`Interrupted`.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this: they join one process group and train one
+    model, each on its part of every global batch of ``config.batch_size`` (see :mod:`mim_fast.distributed`);
+    only rank 0 evaluates, writes the run folder and logs; every process returns rank 0's result.
+    ``config.world_size`` is set to the number of processes."""
     _check_run_options(keep_checkpoints, threads)
-    _check_new_run_folder(config.out, overwrite)
-    return _train(config, None, overwrite=overwrite, progress=progress, keep=keep_checkpoints, threads=threads,
-                  trust_data=trust_data, stop_after_steps=stop_after_steps, log=log, warn=warn)
+
+    def prepare(world, log, warn):
+        _check_new_run_folder(config.out, overwrite)
+        return dataclasses.replace(config, world_size=world.size), None
+
+    return _train(prepare, overwrite=overwrite, progress=progress, keep=keep_checkpoints, threads=threads,
+                  trust_data=trust_data, stop_after_steps=stop_after_steps, compile=compile, log=log, warn=warn)
 
 
 def resume(out: str, changes: Optional[dict] = None, *, progress: bool = True, keep_checkpoints: int = 3,
            threads: Optional[int] = None, trust_data: bool = False, stop_after_steps: Optional[int] = None,
-           log=print, warn=_warn) -> dict:
+           compile: bool = False, log=print, warn=_warn) -> dict:
     """Continue the run in the folder ``out`` (wherever it was first written) from its newest intact
     checkpoint; an unreadable or damaged newer one is skipped with a warning. ``changes`` (TrainConfig
     fields) may set ``epochs`` (to extend the run), ``device`` and ``backend``; any other field that differs
-    from the run's is refused (RunFolderError), as it would change the trajectory. Resuming with the same
-    device, backend and threads reproduces the uninterrupted run exactly. Other arguments as in :func:`run`."""
+    from the run's is refused (RunFolderError), as it would change the trajectory. The number of processes
+    may change too (``world_size`` is set to it): the trajectory does not depend on it, up to float32
+    rounding. Resuming with the same device, backend, threads and number of processes reproduces the
+    uninterrupted run exactly. Other arguments as in :func:`run`."""
     _check_run_options(keep_checkpoints, threads)
-    config, ck, path = _resume_point(out, dict(changes or {}), warn)
-    ck["_path"] = os.path.basename(path)
-    log("resuming %s from %s: %d of %d epochs done%s" % (
-        out, os.path.basename(path), ck["epoch"], config.epochs,
-        "; training epochs %d-%d" % (ck["epoch"] + 1, config.epochs) if config.epochs > ck["epoch"] else
-        "; nothing left to train"))
-    return _train(config, ck, overwrite=False, progress=progress, keep=keep_checkpoints, threads=threads,
-                  trust_data=trust_data, stop_after_steps=stop_after_steps, log=log, warn=warn)
+    changes = dict(changes or {})
+
+    def prepare(world, log, warn):
+        config, ck, path = _resume_point(out, {**changes, "world_size": world.size}, warn)
+        ck["_path"] = os.path.basename(path)
+        log("resuming %s from %s: %d of %d epochs done%s" % (
+            out, os.path.basename(path), ck["epoch"], config.epochs,
+            "; training epochs %d-%d" % (ck["epoch"] + 1, config.epochs) if config.epochs > ck["epoch"] else
+            "; nothing left to train"))
+        return config, ck
+
+    return _train(prepare, overwrite=False, progress=progress, keep=keep_checkpoints, threads=threads,
+                  trust_data=trust_data, stop_after_steps=stop_after_steps, compile=compile, log=log, warn=warn)
 
 
 def _check_run_options(keep_checkpoints, threads) -> None:
@@ -642,101 +826,173 @@ def _check_run_options(keep_checkpoints, threads) -> None:
         raise ValueError("--threads must be an integer >= 1; got %r" % (threads,))
 
 
-def _train(config: TrainConfig, ck: Optional[dict], *, overwrite, progress, keep, threads, trust_data,
-           stop_after_steps, log, warn) -> dict:
-    if threads is not None:
-        torch.set_num_threads(threads)
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _process_device(config: TrainConfig, world: World) -> torch.device:
+    """The device of this process: the config's; on several processes, a GPU is the one of torchrun's
+    LOCAL_RANK (one process per GPU)."""
     device = resolve_device(config.device)
-    backends = resolve_backends(config.backend, device)
-    _seed_everything(config.seed)
-    dataset = load_for_training(config, trusted=trust_data)
-    model = build_model(dataset, config).to(device)
-    opt = Optimizers(model, config, device)
-    state = {"epoch": 0, "history": [], "best": None, "sessions": []}
-    if ck is not None:
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optim"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise runs.CheckpointError("%s does not fit the model its config builds (%s)"
-                                       % (ck.get("_path", "the checkpoint"), str(e).splitlines()[0])) from None
-        state = json.loads(ck["state"])
-        state.setdefault("sessions", [])
+    if device.type == "cuda" and world.size > 1:
+        if device.index is not None:
+            raise ValueError("--device %s: under torchrun each process uses the GPU of its LOCAL_RANK; pass "
+                             "--device cuda (or auto)" % config.device)
+        device = torch.device("cuda", distributed.local_rank())
+        resolve_device(str(device))  # that GPU must exist here
+        torch.cuda.set_device(device)
+    return device
+
+
+def _torch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of torch's default generator in an epoch: it drives only what mim_fast does not key by sample
+    (a BERT text encoder's own dropout), and differs between processes so that they do not draw alike."""
+    return _epoch_seed(seed, epoch, 0) if rank == 0 else int(
+        np.random.SeedSequence([seed, epoch, 0, rank]).generate_state(1, dtype=np.uint64)[0] >> 2)
+
+
+def _train(prepare, *, overwrite, progress, keep, threads, trust_data, stop_after_steps, compile, log,
+           warn) -> dict:
+    with distributed.session() as world:
+        if not world.main:
+            log = warn = _quiet
+            progress = False
+        error, model = None, None
+        try:  # every process checks every input; nothing is written before all of them agree
+            if threads is not None:
+                torch.set_num_threads(threads)
+            config, ck = prepare(world, log, warn)
+            device = _process_device(config, world)
+            backends = resolve_backends(config.backend, device)
+            _seed_everything(config.seed)
+            dataset = load_for_training(config, trusted=trust_data)
+            model = build_model(dataset, config).to(device)
+            opt = Optimizers(model, config, device)
+            state = {"epoch": 0, "history": [], "best": None, "sessions": []}
+            if ck is not None:
+                try:
+                    model.load_state_dict(ck["model"])
+                    opt.load_state_dict(ck["optim"])
+                except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                    raise runs.CheckpointError("%s does not fit the model its config builds (%s)" % (
+                        ck.get("_path", "the checkpoint"), str(e).splitlines()[0])) from None
+                state = json.loads(ck["state"])
+                state.setdefault("sessions", [])
+        except Exception as e:  # noqa: BLE001 — re-raised by agree() on every process
+            error = e
+        distributed.agree(error, world)
+        distributed.check_replicas(model, world, "after setup")
+        result = _epochs(model, opt, dataset, config, ck, state, device, backends, world, overwrite=overwrite,
+                         progress=progress, keep=keep, stop_after_steps=stop_after_steps, compile=compile, log=log)
+        return distributed.broadcast_result(result, world)
+
+
+def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, overwrite, progress, keep,
+            stop_after_steps, compile, log) -> dict:
     out = config.out
     resumed = ck is not None
-    try:
+    baseline = metrics_lib.regression_metrics(
+        np.full(len(dataset.test), float(dataset.train.labels.mean())), dataset.test.labels.numpy())
+    has_impurity = bool(dataset.test.impurity)
+    if compile:
+        compile_model(model)
+
+    def result(finished: bool) -> dict:
+        return {"config": dataclasses.asdict(config), "baseline": baseline, "history": state["history"],
+                "best": state["best"], "epochs_done": state["epoch"], "finished": finished,
+                "environment": state["sessions"][-1], "sessions": state["sessions"]}
+
+    def main_only(action) -> None:
+        """Run ``action`` on rank 0 (evaluation, writes); every process learns whether it failed."""
+        error = None
+        if world.main:
+            try:
+                action()
+            except Exception as e:  # noqa: BLE001 — re-raised by broadcast_outcome
+                error = e
+        distributed.broadcast_outcome(error, world)
+
+    def start() -> None:
         if not resumed:
             _create_run_folder(out, overwrite)  # the first write: every input is checked by now
-        state["sessions"].append(dict(environment(device, backends), first_epoch=state["epoch"] + 1))
+        state["sessions"].append(dict(environment(device, backends), first_epoch=state["epoch"] + 1,
+                                      world_size=world.size, compile=compile))
         runs.write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
-        baseline = metrics_lib.regression_metrics(
-            np.full(len(dataset.test), float(dataset.train.labels.mean())), dataset.test.labels.numpy())
-        has_impurity = bool(dataset.test.impurity)
         if not resumed:
             log("data: %s — train/dev/test = %d/%d/%d; %s" % (
                 dataset.name or config.data, len(dataset.train), len(dataset.dev), len(dataset.test),
                 ", ".join("%s %s×%d" % (m, "ids" if m == "text" and dataset.text_is_tokens else dataset.dims[m],
                                         dataset.seq_len[m]) for m in data_lib.MODALITIES)))
-            log("model: %d parameters (%d in the mask learners), device %s, backends %s, %d thread%s" % (
+            log("model: %d parameters (%d in the mask learners), device %s, backends %s, %d thread%s%s" % (
                 sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.upn_parameters()),
                 device, ", ".join("%s %s" % kv for kv in backends.items()), torch.get_num_threads(),
-                "" if torch.get_num_threads() == 1 else "s"))
+                "" if torch.get_num_threads() == 1 else "s",
+                ", %d processes (global batch %d)" % (world.size, config.batch_size) if world.size > 1 else ""))
             log("trivial baseline (predict the train mean): test MAE %.4f, Acc-2 %.4f, Acc-7 %.4f" % (
                 baseline["mae"], baseline["acc2"], baseline["acc7"]))
         log(_header(has_impurity))
 
-        def result(finished: bool) -> dict:
-            return {"config": dataclasses.asdict(config), "baseline": baseline, "history": state["history"],
-                    "best": state["best"], "epochs_done": state["epoch"], "finished": finished,
-                    "environment": state["sessions"][-1], "sessions": state["sessions"]}
-
+    try:
+        main_only(start)
         steps = 0
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
-            torch.manual_seed(_epoch_seed(config.seed, epoch, 0))  # dropout: a function of (seed, epoch)
-            noise_seed = _epoch_seed(config.seed, epoch, 1)
+            torch.manual_seed(_torch_seed(config.seed, epoch, world.rank))
+            noise_seed = _epoch_seed(config.seed, epoch, 1)  # gate noise and dropout, keyed by sample
             t0 = time.time()
             model.train()
-            sums, n = {}, 0
+            sums, n = torch.zeros(len(LOGGED), dtype=torch.float64, device=device), 0
             epoch_batches = list(batches(dataset.train, config.batch_size, shuffle=True, device=device,
-                                         seed=_epoch_seed(config.seed, epoch, 2)))
+                                         seed=_epoch_seed(config.seed, epoch, 2), world=world))
             for i, batch in enumerate(epoch_batches, 1):
                 losses = train_step(model, opt, batch, config, noise_seed, device)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                sums += torch.stack([losses[k] for k in LOGGED]).double()
                 n += 1
                 steps += 1
-                _progress(epoch, config.epochs, i, len(epoch_batches), t0, sums["task"] / n, progress)
+                _progress(epoch, config.epochs, i, len(epoch_batches), t0,
+                          (lambda: float(sums[0]) / n) if world.size == 1 else None, progress)
                 if stop_after_steps is not None and steps >= stop_after_steps:
                     return {"interrupted_at_epoch": epoch, "steps": steps}
-            eval_seed = _epoch_seed(config.seed, 0, 3)  # the same for every epoch: comparable dev scores
-            dev = evaluate(model, dataset.dev, config, device, eval_seed, epoch=epoch)
-            test = evaluate(model, dataset.test, config, device, eval_seed, epoch=epoch)
-            row = {"epoch": epoch, "train": {k: v / n for k, v in sums.items()}, "dev": dev, "test": test,
-                   "seconds": time.time() - t0}
-            state["history"].append(row)
-            if state["best"] is None or dev["l1"] < state["best"]["dev"]["l1"]:
-                state["best"] = row
-                runs.save_checkpoint(os.path.join(out, "best.pt"), {
-                    "kind": "best", "epoch": epoch, "model": model.state_dict(),
-                    "config": json.dumps(dataclasses.asdict(config)), "metrics": json.dumps(row, default=float)})
+            sums = distributed.all_reduce_sum(sums, world)  # the global batches' losses
+            train = {k: v / n for k, v in zip(LOGGED, sums.tolist())}
+            distributed.check_replicas(model, world, "after epoch %d" % epoch)
+
+            def finish_epoch(epoch=epoch, train=train, t0=t0) -> None:
+                eval_seed = _epoch_seed(config.seed, 0, 3)  # the same for every epoch: comparable dev scores
+                dev = evaluate(model, dataset.dev, config, device, eval_seed, epoch=epoch)
+                test = evaluate(model, dataset.test, config, device, eval_seed, epoch=epoch)
+                row = {"epoch": epoch, "train": train, "dev": dev, "test": test, "seconds": time.time() - t0}
+                state["history"].append(row)
+                if state["best"] is None or dev["l1"] < state["best"]["dev"]["l1"]:
+                    state["best"] = row
+                    runs.save_checkpoint(os.path.join(out, "best.pt"), {
+                        "kind": "best", "epoch": epoch, "model": model.state_dict(),
+                        "config": json.dumps(dataclasses.asdict(config)),
+                        "metrics": json.dumps(row, default=float)})
+                state["epoch"] = epoch
+                runs.save_checkpoint(os.path.join(out, runs.checkpoint_name(epoch)),
+                                     _checkpoint_payload(model, opt, state, config, epoch))
+                runs.prune_checkpoints(out, keep)
+                runs.write_json(os.path.join(out, "metrics.json"), result(finished=False))
+                log(_row(row, best=state["best"]["epoch"] == epoch))
+
+            main_only(finish_epoch)
             state["epoch"] = epoch
-            runs.save_checkpoint(os.path.join(out, runs.checkpoint_name(epoch)),
-                                 _checkpoint_payload(model, opt, state, config, epoch))
-            runs.prune_checkpoints(out, keep)
-            runs.write_json(os.path.join(out, "metrics.json"), result(finished=False))
-            log(_row(row, best=state["best"]["epoch"] == epoch))
     except KeyboardInterrupt:
         done = runs.checkpoints(out)
         raise Interrupted(out, done[0][0] if done else 0, resumed) from None
-    final = result(finished=True)
-    runs.write_json(os.path.join(out, "metrics.json"), final)
-    _plots(final, out, log)
-    best = state["best"]
-    if best is not None:
-        log("best epoch %d (lowest dev L1 %.4f): test MAE %.4f, Corr %.4f, Acc-2 %.4f, F1 %.4f, Acc-7 %.4f" % (
-            best["epoch"], best["dev"]["l1"], best["test"]["mae"], best["test"]["corr"], best["test"]["acc2"],
-            best["test"]["f1"], best["test"]["acc7"]))
-    log("wrote %s" % out)
+    final = result(finished=True) if world.main else {}
+
+    def finish() -> None:
+        runs.write_json(os.path.join(out, "metrics.json"), final)
+        _plots(final, out, log)
+        best = state["best"]
+        if best is not None:
+            log("best epoch %d (lowest dev L1 %.4f): test MAE %.4f, Corr %.4f, Acc-2 %.4f, F1 %.4f, Acc-7 %.4f" % (
+                best["epoch"], best["dev"]["l1"], best["test"]["mae"], best["test"]["corr"], best["test"]["acc2"],
+                best["test"]["f1"], best["test"]["acc7"]))
+        log("wrote %s" % out)
+
+    main_only(finish)
     return final
 
 
