@@ -4,6 +4,7 @@
     kgs_loss(yk, yu, y, h, ...)  -> (loss, intra, inter, masked, unmasked, teacher, alpha)
     kgs_loss_with_heads(h_masked, h_unmasked, weight, bias, y, ...)   the same, predictions from the heads
     philox_uniform(seed, offset, shape, device)                  the counter-based gate noise
+    load_exported(path)                                          torch.export.load with mim_fast's ops and types
     dropout(x, p, seed=, index=, batch_dim=)                     dropout keyed by (seed, global sample index)
 
 The math is docs/math.md; ``mim_fast.reference`` is its eager implementation (the "torch" backend).
@@ -32,6 +33,7 @@ __all__ = [
     "gate_noise",
     "kgs_loss",
     "kgs_loss_with_heads",
+    "load_exported",
     "nn",
     "philox_uniform",
     "purify_gate",
@@ -57,6 +59,17 @@ def _load() -> None:
         importlib.import_module(sub, __name__)
     for name, module in _LAZY.items():
         g[name] = getattr(importlib.import_module(module, __name__), name)
+
+
+def load_exported(path, **kwargs):
+    """``torch.export.load(path, **kwargs)`` of a program that uses mim_fast (its ops or modules), after
+    importing what the program needs: mim_fast's ops (the compiled extension and the Python custom ops) and
+    its output types (registered for serialization in mim_fast.nn and mim_fast._types). Without mim_fast,
+    ``import mim_fast.nn`` before ``torch.export.load`` does the same."""
+    _load()
+    import torch
+
+    return torch.export.load(path, **kwargs)
 
 
 def __getattr__(name):

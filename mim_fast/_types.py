@@ -1,9 +1,20 @@
-"""Result types of the public ops (shared by every backend)."""
+"""Result types of the public ops (shared by every backend), and :func:`exportable`, which makes such a
+type serializable by ``torch.export``."""
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as _pytree
 
 
+def exportable(cls):
+    """Class decorator: register a NamedTuple output type with torch's pytree under the stable name
+    "<module>.<class>", so that ``torch.export.save`` can serialize a program that returns it and
+    ``torch.export.load`` can rebuild it (once the defining module is imported: ``import mim_fast.nn``)."""
+    _pytree._register_namedtuple(cls, serialized_type_name="%s.%s" % (cls.__module__, cls.__qualname__))
+    return cls
+
+
+@exportable
 class PurifyGateOutput(NamedTuple):
     """What :func:`mim_fast.purify_gate` returns.
 
@@ -17,6 +28,7 @@ class PurifyGateOutput(NamedTuple):
     gate: torch.Tensor
 
 
+@exportable
 class KGSLossOutput(NamedTuple):
     """What :func:`mim_fast.kgs_loss` returns.
 

@@ -15,12 +15,14 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .._types import exportable
 from .dropout import Dropout, assign_streams
 from .transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = ["EncoderOutput", "SequenceEncoder", "WordEncoder", "BertEncoder", "masked_mean", "activation_fn"]
 
 
+@exportable
 class EncoderOutput(NamedTuple):
     """sequence: (T, B, D) sequence-first, as MIM's mask learners take it; pooled: (B, D) = mean_t φ(X[t])."""
 

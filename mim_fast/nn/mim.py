@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import reference
+from .._types import exportable
 from ..ops.philox import gate_noise
 from ..profiling import named_range
 from .dropout import assign_streams
@@ -45,6 +46,7 @@ class ModalitySpec:
     bert_path: Optional[str] = None
 
 
+@exportable
 class MIMOutput(NamedTuple):
     """prediction (B,); yk, yu (M, B); purified (M, B, D) = k_m; unpurified (M, B, D) = u_m;
     penalty (M,); gates / logits: per modality (B, T_m) (gates exactly 0/1, no gradient)."""

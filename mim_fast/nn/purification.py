@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .._types import PurifyGateOutput
+from .._types import PurifyGateOutput, exportable
 from ..ops import _checks
 from ..ops._backends import BACKENDS
 from ..ops.purify_gate import ACTIVATIONS, MODES, PENALTIES, purify_gate
@@ -21,6 +21,7 @@ from ..ops.purify_gate import ACTIVATIONS, MODES, PENALTIES, purify_gate
 __all__ = ["MaskLearner", "MaskLearnerOutput", "PurificationGate"]
 
 
+@exportable
 class MaskLearnerOutput(NamedTuple):
     """What :meth:`MaskLearner.forward` returns. The first two fields are what the published forward returned.
 
