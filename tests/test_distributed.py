@@ -203,3 +203,26 @@ def test_a_step_on_several_processes_needs_the_batch_part():
     batch = next(T.batches(data.train, 4, shuffle=False, device=torch.device("cpu")))
     with pytest.raises(ValueError, match="needs each batch's place in the global batch"):
         T._global_part(batch, distributed.World(0, 2))
+
+
+def test_mim_fast_train_under_torchrun(tmp_path):
+    """The command itself: `torchrun -m mim_fast train` and the `mim-fast` script under torchrun (--resume);
+    rank 0 alone prints; an error every rank meets is reported once, as one line."""
+    out = str(tmp_path / "cli")
+    args = ["--out", out, "--d-model", "10", "--batch-size", "64", "--quiet", "--threads", "1"]
+    res = torchrun(2, "-m", "mim_fast", "train", "--epochs", "1", *args)
+    assert res.stdout.count("epoch | train L1") == 1 and "2 processes (global batch 64)" in res.stdout
+    script = os.path.join(os.path.dirname(sys.executable), "mim-fast")
+    if not os.path.exists(script):
+        pytest.skip("the mim-fast script is not installed next to %s" % sys.executable)
+    res = torchrun(2, "--no-python", script, "train", "--resume", "--epochs", "2", *args)
+    assert res.stdout.count("resuming") == 1 and res.stdout.count("    2 |") == 1, res.stdout
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2] and metrics["config"]["world_size"] == 2
+    assert [s["world_size"] for s in metrics["sessions"]] == [2, 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mim_fast",
+           "train", "--epochs", "1", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
+    assert res.returncode != 0
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("mim-fast train")]
+    assert len(errors) == 1 and "already holds a run" in errors[0], res.stderr[-3000:]
