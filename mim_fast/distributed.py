@@ -22,7 +22,9 @@ How a step stays exactly the single-process step (see :func:`mim_fast.train.comp
 """
 import contextlib
 import datetime
+import gc
 import hashlib
+import json
 import os
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -78,12 +80,16 @@ def session(timeout_s: float = 1800.0) -> Iterator[World]:
                                 timeout=datetime.timedelta(seconds=timeout_s))
         created = True
     try:
-        yield current()
-        if created:
-            dist.barrier()  # nobody leaves while another still finishes its last collective
+        world = current()
+        yield world
+        if created:  # nobody leaves while another still finishes its last collective (a CPU tensor: gloo)
+            all_reduce_sum(torch.zeros(1), world)
     finally:
         if created:
             dist.destroy_process_group()
+            # Free what still references the group now, not during interpreter shutdown, where gloo's
+            # worker threads releasing tensors can abort the process
+            gc.collect()
 
 
 def shard(n: int, world: World) -> Tuple[int, int]:
@@ -166,6 +172,19 @@ def check_replicas(module: torch.nn.Module, world: World, when: str) -> None:
                                                                       ", ".join(map(str, differ))))
 
 
+def _gather_text(text: Optional[str], world: World) -> List[Optional[str]]:
+    """Every rank's ``text`` (None or at most 1000 bytes of UTF-8), through CPU tensors: in a process group
+    with both gloo and NCCL they take gloo, whatever device this process has (or has not yet) chosen."""
+    data = b"" if text is None else text.encode()[:1000]
+    mine = torch.zeros(1001, dtype=torch.uint8)
+    mine[0] = text is not None
+    if data:
+        mine[1:1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    every = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(every, mine)
+    return [t[1:].numpy().tobytes().rstrip(b"\0").decode(errors="replace") if t[0] else None for t in every]
+
+
 def agree(error: Optional[BaseException], world: World) -> None:
     """Collective, after a phase every rank runs (setup): if any rank failed, every rank raises — rank 0 its
     own error, or :class:`PeerFailed` naming the first rank that failed and why; the other ranks raise
@@ -174,9 +193,8 @@ def agree(error: Optional[BaseException], world: World) -> None:
         if error is not None:
             raise error
         return
-    messages: List[Optional[str]] = [None] * world.size
-    dist.all_gather_object(messages, None if error is None else (str(error).splitlines() or [""])[0]
-                           or type(error).__name__)
+    messages = _gather_text(None if error is None else ((str(error).splitlines() or [""])[0] or
+                                                         type(error).__name__), world)
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if not failed:
         return
@@ -186,13 +204,17 @@ def agree(error: Optional[BaseException], world: World) -> None:
     raise PeerFailed("rank %d failed: %s" % (rank, message)) from error
 
 
-def broadcast_result(result, world: World):
-    """Rank 0's ``result`` (any picklable object) on every rank."""
+def broadcast_result(result: dict, world: World) -> dict:
+    """Rank 0's ``result`` (a JSON-able dict) on every rank (through CPU tensors, see :func:`_gather_text`)."""
     if world.size == 1:
         return result
-    box = [result if world.main else None]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
+    data = json.dumps(result, default=float).encode() if world.main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, 0)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if world.main else torch.empty(int(size),
+                                                                                              dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return result if world.main else json.loads(buf.numpy().tobytes().decode())
 
 
 def broadcast_outcome(error: Optional[BaseException], world: World) -> None:

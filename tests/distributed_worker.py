@@ -8,6 +8,7 @@
 JSON overrides); ``ddp`` checks the pieces a user's own DistributedDataParallel loop meets and writes what
 it saw to OUT/rank<r>.pt.
 """
+import gc
 import json
 import os
 import sys
@@ -57,6 +58,10 @@ def ddp(out):
         except distributed.ReplicasDiverged as e:
             caught = str(e)
         dist.barrier()
+        # DDP holds the process group: release it while the interpreter is fully alive (a gloo group
+        # destroyed during interpreter shutdown can abort the process)
+        del wrapped
+        gc.collect()
         return {"caught": caught}
 
 

@@ -458,8 +458,8 @@ def test_cli_ctrl_c_says_how_to_continue(tmp_path):
                              *CLI_RUN], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(run / "checkpoint-epoch0001.pt", proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-2000:], err[-2000:])
     done = runs.checkpoints(str(run))[0][0]
     assert one_line(err) == ("mim-fast train: interrupted after epoch %d; rerun with --resume to continue "
                              "(mim-fast train --resume --out %s)" % (done, run))
