@@ -78,9 +78,9 @@ def main() -> int:
     print("| processes | largest metric difference | largest parameter difference | without attention key biases |")
     print("|---:|---|---|---|")
     for r in rows:
-        print("| %d | %.1e (%s) | %.1e (%s) | %.1e (%s) |" % (r["procs"], r["metric"][0], r["metric"][1], r["param"][0],
-                                                            r["param"][1], r["param_without_key_bias"][0],
-                                                            r["param_without_key_bias"][1]))
+        print("| %d | %.1e (%s) | %.1e (%s) | %.1e (%s) |" % (
+            r["procs"], r["metric"][0], r["metric"][1], r["param"][0], r["param"][1],
+            r["param_without_key_bias"][0], r["param_without_key_bias"][1]))
     print("wall seconds per run: %s" % ", ".join("%d process%s %.0f s" % (n, "es" if n > 1 else "", t)
                                                   for n, t in times.items()))
     if args.out:

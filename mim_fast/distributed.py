@@ -3,7 +3,9 @@
 of its own; this module holds the few collective steps `mim-fast train` takes and the rule that splits a
 global batch.
 
-How a step stays exactly the single-process step (see :func:`mim_fast.train.compute_losses`):
+How a step stays the single-process step — exactly in real arithmetic, to rounding in float32 (the ranks
+add their gradients in another order than one process's matmuls do); see
+:func:`mim_fast.train.compute_losses`:
 
 * every rank iterates the same global batches (same shuffle) and takes a contiguous part of each:
   :func:`shard` — for a global batch of B samples on N ranks, the first B mod N ranks take ⌈B/N⌉ samples
@@ -32,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["World", "current", "session", "shard", "all_reduce_gradients", "all_reduce_sum", "assemble_global",
-           "check_replicas", "agree", "broadcast_outcome", "broadcast_result", "PeerFailed", "ReplicasDiverged", "local_rank"]
+           "check_replicas", "agree", "broadcast_outcome", "broadcast_result", "PeerFailed", "ReplicasDiverged",
+           "local_rank"]
 
 
 class World(NamedTuple):

@@ -43,9 +43,10 @@ from .ops import BACKENDS, gate_noise, kgs_loss
 from .runs import CheckpointError, RunFolderError
 from .profiling import named_range
 
-__all__ = ["TrainConfig", "Batch", "GlobalPart", "batches", "load_for_training", "run", "resume", "build_model", "train_step",
-           "compute_losses", "Optimizers", "compile_model", "evaluate", "resolve_device", "resolve_backends", "environment", "RunFolderError", "RunFolderExists",
-           "CheckpointError", "Interrupted", "TrainingDiverged"]
+__all__ = ["TrainConfig", "Batch", "GlobalPart", "batches", "load_for_training", "run", "resume", "build_model",
+           "train_step", "compute_losses", "Optimizers", "compile_model", "evaluate", "resolve_device",
+           "resolve_backends", "environment", "RunFolderError", "RunFolderExists", "CheckpointError", "Interrupted",
+           "TrainingDiverged"]
 
 
 # The synthetic data of the default run (the demo): impure steps form one contiguous stretch per sample

@@ -55,6 +55,19 @@ def test_bit_identical_on_every_backend(dtype):
         assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), backend
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_cuda_masks_are_the_cpu_masks(backend):
+    if _backends.backend_status("philox_uniform", "cuda", (torch.float32,))[backend]:
+        pytest.skip(_backends.backend_status("philox_uniform", "cuda", (torch.float32,))[backend])
+    x = torch.randn(6, 4, 33)
+    index = torch.randperm(500)[:4]
+    seed = random.randrange(2**63)
+    ref = mim_fast.dropout(x, 0.4, seed=seed, index=index, batch_dim=1, backend="torch")
+    out = mim_fast.dropout(x.cuda(), 0.4, seed=seed, index=index.cuda(), batch_dim=1, backend=backend)
+    assert torch.equal(out.cpu().view(torch.int32), ref.view(torch.int32))
+
+
 def test_a_sample_is_dropped_the_same_way_in_any_batch():
     """World-size invariance in one line: a sample's mask depends on its global index, not on the batch."""
     seed, p = random.randrange(2**62), 0.5

@@ -264,7 +264,8 @@ def test_errors_list_the_keys_that_do_not_fit():
         patch.published_to_mim_fast(bad)
     with pytest.raises(ValueError, match=r"shapes differ .*masks\.text\.lstm"):
         patch.load_published_state_dict(mim_fast_model(d=12), sd)  # another width
-    with pytest.raises(ValueError, match=r"the published state_dict lacks encoders\.audio\.transformer\.layers\.2\.\* \(12 keys\)"):
+    with pytest.raises(ValueError, match=r"the published state_dict lacks "
+                                         r"encoders\.audio\.transformer\.layers\.2\.\* \(12 keys\)"):
         patch.load_published_state_dict(mim_fast_model(layers=3), sd)  # a layer more than the checkpoint
     words = MIM([ModalitySpec("text", "words", 30, 10), ModalitySpec("audio", "features", 7, 10),
                  ModalitySpec("vision", "features", 5, 10)], d_model=10)

@@ -35,7 +35,8 @@ class Dropout(nn.Module):
         self.backend = backend
         self.stream = 0
 
-    def forward(self, x: torch.Tensor, seed: Optional[int] = None, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seed: Optional[int] = None,
+                index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: any shape, samples along ``batch_dim``; seed: Python int (None: drawn from torch's default
         generator); index: (B,) global sample indices (None: 0..B-1). Returns x's shape and dtype."""
         if not self.training or self.p == 0.0:
