@@ -419,7 +419,7 @@ void backward_cpu(const at::Tensor& grad_pooled, acc_t grad_penalty, const at::T
     for (int64_t bt = begin; bt < end; ++bt) {
       acc_t dc = acc_t(0);
       for (int64_t k = 0; k < ndblk; ++k) dc += dc_part[k * B * T + bt];  // fixed order
-      out[bt] = ste_p[bt] * dc + wpen * dq_p[bt];
+      out[bt] = math::ste_times(ste_p[bt], dc) + wpen * dq_p[bt];
     }
   });
 }
