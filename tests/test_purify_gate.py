@@ -805,3 +805,14 @@ def test_empty_batch_gives_empty_results(backend, batch_first):
         (out.pooled.float().sum() + out.penalty).backward()
         assert x.grad.shape == x.shape and logits.grad.shape == logits.shape
     assert mim_fast.purify_gate(x, logits, backend=backend, batch_first=batch_first).pooled.shape == (0, D)
+
+
+@pytest.mark.skipif(mim_fast.build_info() is None, reason="no _C")
+def test_cpu_op_autograd_is_cpp():
+    """The C++ ops' graph nodes are C++ (csrc/autograd.cpp): no Python runs on the way forward or back,
+    which is most of the per-call cost at MIM's size (benchmarks/op_overhead.py). Triton keeps its Python
+    autograd."""
+    x, g = torch.randn(3, 2, 4, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+    assert "CppNode<mim_fast::" in mim_fast.purify_gate(x, g, seed=1, backend="cpu").pooled.grad_fn.name()
+    for op in ("mim_fast::purify_gate_forward", "mim_fast::kgs_loss_forward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd"), op

@@ -208,7 +208,7 @@ _float16_32 = _backends.none_of((torch.float16, torch.bfloat16, torch.float32))
 if _ext.C is not None:
     torch.library.register_fake("mim_fast::kgs_loss_forward")(_forward_fake(_acc_dtype))
     torch.library.register_fake("mim_fast::kgs_loss_backward")(_backward_fake)
-    _register_autograd("mim_fast::kgs_loss_forward", torch.ops.mim_fast.kgs_loss_backward)
+    # (its autograd is C++: csrc/autograd.cpp, the same logic as _register_autograd above)
     _backends.register("kgs_loss", "cpu", _fused(torch.ops.mim_fast.kgs_loss_forward), _backends.needs_cpu_extension)
     _backends.register("kgs_loss", "cuda", _fused(torch.ops.mim_fast.kgs_loss_forward),
                        _backends.all_of(_backends.needs_cuda_extension, _float16_32))

@@ -214,7 +214,7 @@ _no_float64 = _backends.none_of((torch.float16, torch.bfloat16, torch.float32))
 if _ext.C is not None:
     torch.library.register_fake("mim_fast::purify_gate_forward")(_forward_fake(_acc_cpp))
     torch.library.register_fake("mim_fast::purify_gate_backward")(_backward_fake)
-    _register_autograd("mim_fast::purify_gate_forward", torch.ops.mim_fast.purify_gate_backward)
+    # (its autograd is C++: csrc/autograd.cpp, the same logic as _register_autograd below)
     _backends.register("purify_gate", "cpu", _fused(torch.ops.mim_fast.purify_gate_forward),
                        _backends.needs_cpu_extension)
     _backends.register("purify_gate", "cuda", _fused(torch.ops.mim_fast.purify_gate_forward),
