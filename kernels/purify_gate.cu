@@ -393,7 +393,7 @@ __global__ void combine_kernel(const float* dc_part, int64_t nblk, int64_t BT, c
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     float dc = 0.0f;
     for (int64_t k = 0; k < nblk; ++k) dc += dc_part[k * BT + i];
-    grad_logits[i] = ste[i] * dc + wpen * dq[i];
+    grad_logits[i] = math::ste_times(ste[i], dc) + wpen * dq[i];
   }
 }
 

@@ -9,12 +9,14 @@
 
 The math is docs/math.md; ``mim_fast.reference`` is its eager implementation (the "torch" backend).
 
-The public names load on first use (PEP 562): ``import mim_fast`` alone imports neither torch nor the
-extension, so ``mim-fast --help`` answers at once. The first access to any of them imports torch, loads
-the compiled extension (which registers the ``torch.ops.mim_fast`` kernels; a warning says so when it is
-missing) and the ops. Code that calls ``torch.ops.mim_fast.*`` directly imports ``mim_fast.ops`` first.
+``import mim_fast`` imports torch, loads the compiled extension (which registers the ``torch.ops.mim_fast``
+kernels — what ``torch.export.load`` of a program using them needs; a warning says so when it is missing)
+and the ops. Only the ``mim-fast`` command (and ``python -m mim_fast``) defers all that until a command
+needs it (PEP 562: the names load on first use), so that ``mim-fast --help`` answers at once.
 """
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -64,8 +66,8 @@ def _load() -> None:
 def load_exported(path, **kwargs):
     """``torch.export.load(path, **kwargs)`` of a program that uses mim_fast (its ops or modules), after
     importing what the program needs: mim_fast's ops (the compiled extension and the Python custom ops) and
-    its output types (registered for serialization in mim_fast.nn and mim_fast._types). Without mim_fast,
-    ``import mim_fast.nn`` before ``torch.export.load`` does the same."""
+    its output types (registered for serialization in mim_fast.nn and mim_fast._types). ``import mim_fast``
+    before ``torch.export.load`` does the same (except in the ``mim-fast`` command, which defers it)."""
     _load()
     import torch
 
@@ -83,3 +85,14 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+def _starting_the_command() -> bool:
+    """True while the ``mim-fast`` script or ``python -m mim_fast`` is starting (sys.argv[0] is the
+    script, or "-m" while Python locates the module it was asked to run)."""
+    arg0 = sys.argv[0] if sys.argv else ""
+    return os.path.basename(arg0) in ("mim-fast", "mim-fast.exe") or arg0 == "-m"
+
+
+if not _starting_the_command():
+    _load()

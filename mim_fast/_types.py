@@ -9,7 +9,7 @@ import torch.utils._pytree as _pytree
 def exportable(cls):
     """Class decorator: register a NamedTuple output type with torch's pytree under the stable name
     "<module>.<class>", so that ``torch.export.save`` can serialize a program that returns it and
-    ``torch.export.load`` can rebuild it (once the defining module is imported: ``import mim_fast.nn``)."""
+    ``torch.export.load`` can rebuild it (once the defining module is imported: ``import mim_fast`` does)."""
     _pytree._register_namedtuple(cls, serialized_type_name="%s.%s" % (cls.__module__, cls.__qualname__))
     return cls
 
@@ -20,7 +20,8 @@ class PurifyGateOutput(NamedTuple):
 
     pooled:  (B, D), dtype of x. Gated mean pooling (1/T)·Σ_t φ(x[t]·z[t]) (1/lengths[b] with lengths).
     penalty: scalar, dtype of logits. Mean expected-L0 penalty over the (valid) steps.
-    gate:    (B, T), dtype of logits, values exactly 0 or 1: the forward value of the gate (no gradient).
+    gate:    (B, T), dtype of logits, values exactly 0 or 1 (NaN where the logit or noise is NaN): the
+             forward value of the gate (no gradient).
     """
 
     pooled: torch.Tensor

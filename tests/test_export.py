@@ -1,5 +1,5 @@
 """torch.export of the MIM model and the modules: every output NamedTuple is registered for serialization,
-an exported program saved here loads in a fresh process (after ``import mim_fast.nn``) and gives the same
+an exported program saved here loads in a fresh process (after ``import mim_fast``) and gives the same
 outputs; ``mim_fast.load_exported`` does both steps."""
 import os
 import subprocess
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LOAD = r"""
 import sys, torch
-import mim_fast.nn  # registers mim_fast's ops and output types: what torch.export.load needs
+import mim_fast  # registers mim_fast's ops and output types: what torch.export.load needs
 path, inputs_path, expected_path = sys.argv[1:]
 ep = torch.export.load(path)
 args, kwargs = torch.load(inputs_path)

@@ -1059,3 +1059,34 @@ def test_backward_when_the_reached_terms_touch_no_input_that_requires_grad(backe
     out = mim_fast.kgs_loss(yk, yu, y, h.requires_grad_(), reduction=reduction, backend=backend)
     (out.masked.sum() if reduction == "none" else out.masked).backward()  # masked never reaches h
     assert yk.grad is not None and h.grad is None
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_gives_zero_terms(backend, reduction):
+    """Issue 15, item 10: B = 0 gives every term 0 (or (0,) with reduction "none"), not NaN, teacher (0,)
+    and alpha (M, 0), on kgs_loss and kgs_loss_with_heads; the backward runs."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    M, D = 3, 6
+    yk, yu, y = (torch.randn(M, 0, device=dev, requires_grad=True), torch.randn(M, 0, device=dev, requires_grad=True),
+                 torch.randn(0, device=dev, requires_grad=True))
+    h = torch.randn(M, 0, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    out = mim_fast.kgs_loss(yk, yu, y, h, reduction=reduction, backend=backend)
+    heads_backend = backend if backend != "cuda" else "triton"
+    w, b = torch.randn(M, D, device=dev), torch.randn(M, device=dev)
+    out_h = mim_fast.kgs_loss_with_heads(h, h.detach().clone(), w, b, y, reduction=reduction, backend=heads_backend) \
+        if _backends.backend_status("kgs_loss_with_heads", dev, (torch.float32,))[heads_backend] is None else None
+    for o in (out, out_h):
+        if o is None:
+            continue
+        shape = (0,) if reduction == "none" else ()
+        for k in TERMS:
+            t = getattr(o, k)
+            assert t.shape == shape and t.dtype == torch.float32 and not torch.isnan(t).any(), k
+            if reduction != "none":
+                assert float(t) == 0.0, k
+        assert o.teacher.shape == (0,) and o.teacher.dtype == torch.int64 and o.alpha.shape == (M, 0)
+    (out.loss.sum() + out.inter.sum()).backward()
+    assert yk.grad.shape == yk.shape and h.grad.shape == h.shape

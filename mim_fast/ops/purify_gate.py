@@ -49,6 +49,8 @@ def purify_gate(
         penalty: "mim" (q = P(c > 0), the published expected-L0) or "threshold" (q = P(c > τ), the
             probability that the hard gate opens).
         lengths: optional (B,) integer steps per sample (0 ≤ lengths ≤ T), on x's device or the CPU.
+            B = 0 (an empty batch) gives empty results on every backend: pooled (0, D), penalty 0,
+            gate (0, T).
             Steps t ≥ lengths[b] are padding: closed, never read, no gradient; pooling divides by
             lengths[b] (0 for an empty sample) and the penalty averages over valid steps only.
         beta, gamma, zeta, loc_bias, threshold: β > 0, γ < 0 < ζ, 0 ≤ τ < 1 with γ < τ < ζ.
@@ -60,7 +62,10 @@ def purify_gate(
 
     Numerics: computed in float32 (float64 when x, logits or noise is float64). Gradients flow to x
     (closed gates pass none) and to logits through the straight-through estimator and the penalty.
-    The gate is deterministic given (logits, noise) or (logits, seed, offset).
+    The gate is deterministic given (logits, noise) or (logits, seed, offset). NaN policy, the same on
+    every backend: a NaN logit (or noise) at a valid step makes that step's gate NaN and the sample's
+    pooled NaN; a NaN/±inf feature reaches pooled through x·z even at a closed step; the clamp passes no
+    gradient where it is active (so no NaN·0); padding is never read. See mim_fast.reference.purify_gate.
     """
     if not isinstance(batch_first, bool):
         raise TypeError("batch_first must be a bool; got %s" % type(batch_first).__name__)
@@ -68,7 +73,7 @@ def purify_gate(
     _checks.float_tensor("x", x, ndim=3, layout=layout)
     B, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
     D = x.shape[2]
-    _checks.nonempty("x", {"T": T, "B": B, "D": D})
+    _checks.nonempty("x", {"T": T, "D": D})  # B = 0 is an empty batch: empty results (below)
     _checks.float_tensor("logits", logits, ndim=2, layout="(B, T)")
     _checks.same_shape("logits", logits, (B, T), "(B, T) to match x", x.shape)
     _checks.choice("mode", mode, MODES)
@@ -125,9 +130,19 @@ def purify_gate(
 
     dtypes = (x.dtype, logits.dtype) + ((noise.dtype,) if noise is not None else ())
     impl = _backends.select("purify_gate", backend, x.device, dtypes)
+    if B == 0:
+        return _empty_batch(x, logits, batch_first)
     return impl(x, logits, noise=noise, seed=seed, offset=offset, mode=mode, activation=activation,
                 penalty=penalty, lengths=lengths, batch_first=batch_first, beta=beta, gamma=gamma, zeta=zeta,
                 loc_bias=loc_bias, threshold=threshold)
+
+
+def _empty_batch(x, logits, batch_first) -> PurifyGateOutput:
+    """B = 0 (an empty rank of a multi-process run, a filtered batch): pooled (0, D), penalty 0 (the mean
+    over no step, as with lengths all 0), gate (0, T); gradients flow (empty ones, and 0 for the penalty)."""
+    pooled = x.sum(dim=1 if batch_first else 0)        # (0, D), in x's dtype, connected to x
+    penalty = logits.sum()                             # exactly 0, in the logits' dtype
+    return PurifyGateOutput(pooled, penalty, logits.detach().new_zeros(logits.shape))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,7 +214,7 @@ _no_float64 = _backends.none_of((torch.float16, torch.bfloat16, torch.float32))
 if _ext.C is not None:
     torch.library.register_fake("mim_fast::purify_gate_forward")(_forward_fake(_acc_cpp))
     torch.library.register_fake("mim_fast::purify_gate_backward")(_backward_fake)
-    _register_autograd("mim_fast::purify_gate_forward", torch.ops.mim_fast.purify_gate_backward)
+    # (its autograd is C++: csrc/autograd.cpp, the same logic as _register_autograd below)
     _backends.register("purify_gate", "cpu", _fused(torch.ops.mim_fast.purify_gate_forward),
                        _backends.needs_cpu_extension)
     _backends.register("purify_gate", "cuda", _fused(torch.ops.mim_fast.purify_gate_forward),

@@ -76,12 +76,16 @@ def _gate_forward_kernel(x_ptr, sT, sB, sD, logits_ptr, noise_ptr, lengths_ptr, 
             s = sigmoid32(a)
             ds = s * (1.0 - s)
         sbar = zeta_gamma * s + gamma
-        c = tl.where(sbar < 0.0, 0.0, tl.where(sbar > 1.0, 1.0, sbar))
+        c = tl.where(sbar < 0.0, 0.0, tl.where(sbar > 1.0, 1.0, sbar))  # NaN stays NaN
         valid = (t < length) & tmask
-        h = tl.where(valid & (c > threshold), 1.0, 0.0)
+        # z: 0 or 1, NaN where c is NaN (a NaN logit or noise); padding is closed whatever it holds
+        h = tl.where(valid, tl.where(c != c, c, tl.where(c > threshold, 1.0, 0.0)), 0.0)
         if blk == 0:  # the first feature block of each sample owns the (B, T) outputs
             q = sigmoid32(a - pen_shift)
-            ste = tl.where((sbar >= 0.0) & (sbar <= 1.0), zeta_gamma * ds, 0.0)
+            # −0.0 marks a clamped step (see _combine_kernel), NaN a NaN gate (mim_math.h gate_step). The
+            # −0.0 is a negated zero tensor: a −0.0 literal (or tl.full) loses its sign in Triton.
+            neg_zero = -tl.zeros(ds.shape, tl.float32)
+            ste = tl.where((sbar >= 0.0) & (sbar <= 1.0), zeta_gamma * ds, tl.where(ds != ds, ds, neg_zero))
             tl.store(gate_ptr + bt, h, mask=tmask)
             tl.store(ste_ptr + bt, tl.where(valid, ste, 0.0), mask=tmask)
             tl.store(dq_ptr + bt, tl.where(valid, q * (1.0 - q), 0.0), mask=tmask)
@@ -152,7 +156,10 @@ def _combine_kernel(dc_part_ptr, nblk, BT, ste_ptr, dq_ptr, grad_penalty_ptr, in
     for k in range(0, nblk):
         dc += tl.load(dc_part_ptr + k * BT + i, mask=m, other=0.0)
     wpen = tl.load(grad_penalty_ptr).to(tl.float32) * tl.load(inv_count_ptr)
-    out = tl.load(ste_ptr + i, mask=m, other=0.0) * dc + wpen * tl.load(dq_ptr + i, mask=m, other=0.0)
+    ste = tl.load(ste_ptr + i, mask=m, other=0.0)
+    # the clamp selects (mim_math.h ste_times): a clamped step (ste = −0.0) passes no gradient, not NaN·0
+    clamped = (ste == 0.0) & ((ste.to(tl.int32, bitcast=True) >> 31) != 0)
+    out = tl.where(clamped, 0.0, ste * dc) + wpen * tl.load(dq_ptr + i, mask=m, other=0.0)
     tl.store(out_ptr + i, out, mask=m)
 
 
