@@ -178,9 +178,9 @@ MIM_ALWAYS_INLINE void pool_item_body(const FeaturePass<scalar_t, acc_t>& p, int
   }
 }
 
-// Partial sums of Σ_d ∂L/∂y·x in kLanes interleaved lanes, added in a fixed order at the end: a
-// reduction the compiler can vectorize (it may not reorder a plain sum) with the same result at
-// every vector width.
+// Partial sums of Σ_d ∂L/∂y·x in kLanes interleaved lanes, added pairwise in a fixed order at the end:
+// a reduction the compiler can vectorize (it may not reorder a plain sum) with the same result at every
+// vector width.
 constexpr int kLanes = 16;
 
 // One step of the backward: writes ∂L/∂x[t, b, d0:d0+n], returns Σ_d ∂L/∂y·x.
@@ -221,16 +221,22 @@ MIM_ALWAYS_INLINE acc_t backward_step(const FeaturePass<scalar_t, acc_t>& p, int
       }
     }
   }
-  for (; d < n; ++d) {  // the tail, and strided layouts
+  acc_t tail = acc_t(0);
+  for (; d < n; ++d) {  // the tail, and strided layouts: a running sum of its own
     const acc_t xv = static_cast<acc_t>(xr[d * sD]);
     const acc_t dphi = closed ? math::activation_grad_closed<acc_t>(xv, ACT) : math::activation_grad<acc_t>(xv * ht, ACT);
     const acc_t gy = g[d] * dphi;
     if (write) gr[d * gD] = static_cast<scalar_t>(gy * ht);
-    lanes[d % kLanes] += gy * xv;
+    tail += gy * xv;
   }
-  acc_t dc = acc_t(0);
-  for (int l = 0; l < kLanes; ++l) dc += lanes[l];
-  return dc;
+  // The lanes are only ever indexed by constants (so they stay in vector registers) and are added in a
+  // fixed pairwise order: the same sum at every vector width, in 4 dependent additions instead of the 16
+  // of a running sum through memory (which was a quarter of the backward at MIM's size).
+  static_assert(kLanes == 16, "the reduction below adds 16 lanes");
+  for (int l = 0; l < 8; ++l) lanes[l] += lanes[l + 8];
+  for (int l = 0; l < 4; ++l) lanes[l] += lanes[l + 4];
+  for (int l = 0; l < 2; ++l) lanes[l] += lanes[l + 2];
+  return (lanes[0] + lanes[1]) + tail;
 }
 
 // Backward of one item: ∂L/∂x = (G/len)·φ'(x·h)·h and dc_part = Σ_d (G/len)·φ'(x·h)·x per step.
