@@ -40,4 +40,33 @@ inline Isa cpu_isa() {
 #endif
 }
 
+// MIM_ISA_VARIANTS((template params), (template args), NAME, (params), (args)) compiles NAME##_body —
+// an always-inline function template with those template parameters — as NAME##_default, NAME##_avx2
+// and NAME##_avx512 (target attributes: the same source, vectorized as wide as each ISA allows), and
+// defines NAME(Isa isa, params...) that runs the one for isa. Every variant computes the same IEEE
+// operations in the same order, so results do not depend on the CPU.
+#define MIM_UNPAREN(...) __VA_ARGS__
+#define MIM_ISA_VARIANTS(TPARAMS, TARGS, NAME, PARAMS, ARGS)                                         \
+  template <MIM_UNPAREN TPARAMS>                                                                     \
+  void NAME##_default PARAMS { NAME##_body<MIM_UNPAREN TARGS> ARGS; }                                \
+  MIM_ISA_TARGETS(TPARAMS, TARGS, NAME, PARAMS, ARGS)                                                \
+  template <MIM_UNPAREN TPARAMS>                                                                     \
+  void NAME(Isa isa, MIM_UNPAREN PARAMS) {                                                           \
+    MIM_ISA_SWITCH(TARGS, NAME, ARGS)                                                                \
+    NAME##_default<MIM_UNPAREN TARGS> ARGS;                                                          \
+  }
+#if MIM_ISA_DISPATCH
+#define MIM_ISA_TARGETS(TPARAMS, TARGS, NAME, PARAMS, ARGS)                                          \
+  template <MIM_UNPAREN TPARAMS>                                                                     \
+  __attribute__((target("avx2"))) void NAME##_avx2 PARAMS { NAME##_body<MIM_UNPAREN TARGS> ARGS; }   \
+  template <MIM_UNPAREN TPARAMS>                                                                     \
+  __attribute__((target("avx512f"))) void NAME##_avx512 PARAMS { NAME##_body<MIM_UNPAREN TARGS> ARGS; }
+#define MIM_ISA_SWITCH(TARGS, NAME, ARGS)                                                            \
+  if (isa == Isa::kAvx512) return NAME##_avx512<MIM_UNPAREN TARGS> ARGS;                             \
+  if (isa == Isa::kAvx2) return NAME##_avx2<MIM_UNPAREN TARGS> ARGS;
+#else
+#define MIM_ISA_TARGETS(TPARAMS, TARGS, NAME, PARAMS, ARGS)
+#define MIM_ISA_SWITCH(TARGS, NAME, ARGS) (void)isa;
+#endif
+
 }  // namespace mim_fast

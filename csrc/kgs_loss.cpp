@@ -345,34 +345,10 @@ MIM_ALWAYS_INLINE void forward_range_body(const ForwardCpu<scalar_t, A>& a, int6
   for (int64_t i = begin; i < end; ++i) forward_sample(a, i, ws);
 }
 
-// forward_range compiled for AVX-512, AVX2 and baseline x86-64, picked at run time. The same IEEE
-// operations at every width (no FMA contraction: -ffp-contract=off), so results do not depend on the CPU.
-template <typename scalar_t, typename A>
-void forward_range_default(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end) {
-  forward_range_body(a, begin, end);
-}
-#if MIM_ISA_DISPATCH
-template <typename scalar_t, typename A>
-__attribute__((target("avx2"))) void forward_range_avx2(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end) {
-  forward_range_body(a, begin, end);
-}
-template <typename scalar_t, typename A>
-__attribute__((target("avx512f"))) void forward_range_avx512(const ForwardCpu<scalar_t, A>& a, int64_t begin,
-                                                             int64_t end) {
-  forward_range_body(a, begin, end);
-}
-#endif
-
-template <typename scalar_t, typename A>
-void forward_range(Isa isa, const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end) {
-#if MIM_ISA_DISPATCH
-  if (isa == Isa::kAvx512) return forward_range_avx512(a, begin, end);
-  if (isa == Isa::kAvx2) return forward_range_avx2(a, begin, end);
-#else
-  (void)isa;
-#endif
-  forward_range_default(a, begin, end);
-}
+// forward_range compiled for AVX-512, AVX2 and baseline x86-64, picked at run time (cpu_isa.h). The same
+// IEEE operations at every width (no FMA contraction: -ffp-contract=off), so results do not depend on the CPU.
+MIM_ISA_VARIANTS((typename scalar_t, typename A), (scalar_t, A), forward_range,
+                 (const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end), (a, begin, end))
 
 // Batch means of the errors (per_sample=False), summed in double in sample order: deterministic and
 // independent of the thread count.
@@ -413,33 +389,8 @@ MIM_ALWAYS_INLINE void predictions_range_body(const ForwardCpu<scalar_t, A>& a, 
   }
 }
 
-template <typename scalar_t, typename A>
-void predictions_range_default(const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk, A* pu) {
-  predictions_range_body(a, begin, end, pk, pu);
-}
-#if MIM_ISA_DISPATCH
-template <typename scalar_t, typename A>
-__attribute__((target("avx2"))) void predictions_range_avx2(const ForwardCpu<scalar_t, A>& a, int64_t begin,
-                                                            int64_t end, A* pk, A* pu) {
-  predictions_range_body(a, begin, end, pk, pu);
-}
-template <typename scalar_t, typename A>
-__attribute__((target("avx512f"))) void predictions_range_avx512(const ForwardCpu<scalar_t, A>& a, int64_t begin,
-                                                                 int64_t end, A* pk, A* pu) {
-  predictions_range_body(a, begin, end, pk, pu);
-}
-#endif
-
-template <typename scalar_t, typename A>
-void predictions_range(Isa isa, const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk, A* pu) {
-#if MIM_ISA_DISPATCH
-  if (isa == Isa::kAvx512) return predictions_range_avx512(a, begin, end, pk, pu);
-  if (isa == Isa::kAvx2) return predictions_range_avx2(a, begin, end, pk, pu);
-#else
-  (void)isa;
-#endif
-  predictions_range_default(a, begin, end, pk, pu);
-}
+MIM_ISA_VARIANTS((typename scalar_t, typename A), (scalar_t, A), predictions_range,
+                 (const ForwardCpu<scalar_t, A>& a, int64_t begin, int64_t end, A* pk, A* pu), (a, begin, end, pk, pu))
 
 // The heads of kgs_loss_with_heads: h_unmasked (any strides, h's dtype), weight (M, D) and bias (M,)
 // in the compute dtype, contiguous.

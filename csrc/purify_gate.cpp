@@ -259,35 +259,11 @@ MIM_ALWAYS_INLINE void backward_item_body(const FeaturePass<scalar_t, acc_t>& p,
   }
 }
 
-// pool_item / backward_item: the bodies above compiled per ISA, with a run-time switch.
-#define MIM_ISA_VARIANTS(NAME, PARAMS, ARGS)                                                          \
-  template <int ACT, typename scalar_t, typename acc_t>                                              \
-  void NAME##_default PARAMS { NAME##_body<ACT, scalar_t, acc_t> ARGS; }                             \
-  MIM_ISA_TARGETS(NAME, PARAMS, ARGS)                                                                \
-  template <int ACT, typename scalar_t, typename acc_t>                                              \
-  void NAME(Isa isa, MIM_UNPAREN PARAMS) {                                                           \
-    MIM_ISA_SWITCH(NAME, ARGS)                                                                       \
-    NAME##_default<ACT, scalar_t, acc_t> ARGS;                                                       \
-  }
-#define MIM_UNPAREN(...) __VA_ARGS__
-#if MIM_ISA_DISPATCH
-#define MIM_ISA_TARGETS(NAME, PARAMS, ARGS)                                                          \
-  template <int ACT, typename scalar_t, typename acc_t>                                              \
-  __attribute__((target("avx2"))) void NAME##_avx2 PARAMS { NAME##_body<ACT, scalar_t, acc_t> ARGS; } \
-  template <int ACT, typename scalar_t, typename acc_t>                                              \
-  __attribute__((target("avx512f"))) void NAME##_avx512 PARAMS { NAME##_body<ACT, scalar_t, acc_t> ARGS; }
-#define MIM_ISA_SWITCH(NAME, ARGS)                                                                   \
-  if (isa == Isa::kAvx512) return NAME##_avx512<ACT, scalar_t, acc_t> ARGS;                          \
-  if (isa == Isa::kAvx2) return NAME##_avx2<ACT, scalar_t, acc_t> ARGS;
-#else
-#define MIM_ISA_TARGETS(NAME, PARAMS, ARGS)
-#define MIM_ISA_SWITCH(NAME, ARGS) (void)isa;
-#endif
-
-MIM_ISA_VARIANTS(pool_item,
+// pool_item / backward_item: the bodies above compiled per ISA, with a run-time switch (cpu_isa.h).
+MIM_ISA_VARIANTS((int ACT, typename scalar_t, typename acc_t), (ACT, scalar_t, acc_t), pool_item,
                  (const FeaturePass<scalar_t, acc_t>& p, int64_t b0, int64_t b1, int64_t d0, int64_t n, acc_t* acc),
                  (p, b0, b1, d0, n, acc))
-MIM_ISA_VARIANTS(backward_item,
+MIM_ISA_VARIANTS((int ACT, typename scalar_t, typename acc_t), (ACT, scalar_t, acc_t), backward_item,
                  (const FeaturePass<scalar_t, acc_t>& p, int64_t b0, int64_t b1, int64_t d0, int64_t n, int64_t dblk,
                   acc_t* gs),
                  (p, b0, b1, d0, n, dblk, gs))
@@ -373,28 +349,8 @@ MIM_ALWAYS_INLINE void gate_rows_body(const GateRows<acc_t>& r, int64_t b0, int6
   }
 }
 
-template <typename acc_t>
-void gate_rows_default(const GateRows<acc_t>& r, int64_t b0, int64_t b1) { gate_rows_body(r, b0, b1); }
-#if MIM_ISA_DISPATCH
-template <typename acc_t>
-__attribute__((target("avx2"))) void gate_rows_avx2(const GateRows<acc_t>& r, int64_t b0, int64_t b1) {
-  gate_rows_body(r, b0, b1);
-}
-template <typename acc_t>
-__attribute__((target("avx512f"))) void gate_rows_avx512(const GateRows<acc_t>& r, int64_t b0, int64_t b1) {
-  gate_rows_body(r, b0, b1);
-}
-#endif
-
-template <typename acc_t>
-void gate_rows(Isa isa, const GateRows<acc_t>& r, int64_t b0, int64_t b1) {
-#if MIM_ISA_DISPATCH
-  if (isa == Isa::kAvx512) return gate_rows_avx512(r, b0, b1);
-  if (isa == Isa::kAvx2) return gate_rows_avx2(r, b0, b1);
-#endif
-  (void)isa;
-  gate_rows_default(r, b0, b1);
-}
+MIM_ISA_VARIANTS((typename acc_t), (acc_t), gate_rows, (const GateRows<acc_t>& r, int64_t b0, int64_t b1),
+                 (r, b0, b1))
 
 // ---------------------------------------------------------------------------------------------------
 // CPU forward: pass 1 computes the gate row of every sample (B·T steps), pass 2 pools the features.
