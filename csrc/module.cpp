@@ -26,6 +26,9 @@ TORCH_LIBRARY(mim_fast, m) {
   m.def(
       "purify_gate_backward(Tensor grad_pooled, Tensor grad_penalty, Tensor x, Tensor gate, Tensor ste, "
       "Tensor dq, Tensor inv_count, Tensor? lengths, str activation, bool needs_grad_x=True) -> (Tensor, Tensor)");
+  // Fused counter-based dropout (mim_fast/ops/dropout.py, csrc/dropout.cpp): y = x·1[u ≥ p]/(1 − p) with
+  // u = philox_uniform(key, index[b]·S + j) drawn in place; x viewed as (outer, B, inner) around batch_dim.
+  m.def("dropout_apply(Tensor x, Tensor index, int key, float p, int batch_dim) -> Tensor");
   // Test access to the shared float32 math (exp, log, sigmoid, tanh) of kernels/mim_math.h.
   m.def("_math32(Tensor x, str fn) -> Tensor");
   // The fused KGS loss (SPEC §2); yk, yu (M, B), y (B,), h (M, B, D), any strides. weights = (w_intra,

@@ -25,6 +25,7 @@ __all__ = [
     "philox4x32_10",
     "philox_uniform",
     "philox_uniform_counters",
+    "philox_uniform4",
     "exp32",
     "log32",
     "sigmoid32",
@@ -86,12 +87,18 @@ def philox_uniform_counters(seed: int, counters: torch.Tensor) -> torch.Tensor:
     hi32(seed)). The first output word w becomes a float as in Triton: v = w as int32, v = ~v if
     v < 0, u = float32(v) · float32(4.6566127342e-10).
     """
+    return philox_uniform4(seed, counters)[0]
+
+
+def philox_uniform4(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """(4, *counters.shape) float32: all four output words of each Philox block (counter n, key seed as in
+    :func:`philox_uniform_counters`), each made a uniform the same way; word 0 is ``tl.rand``'s."""
     n = counters.to(torch.int64)
     lo = n & _M32
     hi = (n >> 32) & _M32
     zero = torch.zeros_like(lo)
-    w, _, _, _ = philox4x32_10(lo, hi, zero, zero, seed & _M32, (seed >> 32) & _M32)
-    v = torch.where(w >= 2**31, _M32 - w, w)  # ~int32(w) for the negative half, as an unsigned value
+    words = torch.stack(philox4x32_10(lo, hi, zero, zero, seed & _M32, (seed >> 32) & _M32))
+    v = torch.where(words >= 2**31, _M32 - words, words)  # ~int32(w) for the negative half, as an unsigned value
     return v.to(torch.float32) * torch.full((), _UNIFORM_SCALE, dtype=torch.float32, device=v.device)
 
 

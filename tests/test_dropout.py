@@ -18,14 +18,20 @@ HAS_TRITON = _backends.triton_import_error() is None and (_backends.triton_inter
 
 
 def expected_mask(shape, p, seed, stream, index, batch_dim):
-    """The documented mask, written out: u = philox(dropout_key(seed, stream), index[b]·S + j)."""
+    """The documented mask, written out: u = word (j mod 4) of Philox4x32-10 with key dropout_key(seed,
+    stream) at counter index[b]·⌈S/4⌉ + ⌊j/4⌋, made uniform as tl.rand makes its word."""
     moved = list(shape)
     B = moved.pop(batch_dim)
     S = 1
     for s in moved:
         S *= s
-    n = index.to(torch.int64)[:, None] * S + torch.arange(S)
-    u = reference.philox_uniform_counters(mim_fast.dropout_key(seed, stream), n)
+    j = torch.arange(S)
+    n = index.to(torch.int64)[:, None] * ((S + 3) // 4) + j // 4
+    key = mim_fast.dropout_key(seed, stream)
+    m32 = 2**32 - 1
+    words = torch.stack(reference.philox4x32_10(n & m32, n >> 32, n * 0, n * 0, key & m32, key >> 32))
+    w = words.gather(0, (j % 4).expand(1, B, S)).squeeze(0)
+    u = torch.where(w >= 2**31, m32 - w, w).to(torch.float32) * float.fromhex("0x1.fffffep-32")
     return (u >= p).reshape([B] + moved).movedim(0, batch_dim)
 
 

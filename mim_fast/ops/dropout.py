@@ -11,8 +11,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from . import _checks
-from .philox import philox_counters
+from . import _backends, _checks
 
 __all__ = ["dropout", "dropout_key"]
 
@@ -39,31 +38,35 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, seed: Optional[int] = None, inde
     """Counter-based dropout: ``y = x · m`` with ``m[e] = 1[u[e] ≥ p] / (1 − p)`` (rounded to x's dtype, as
     torch's dropout scales its mask) and
 
-        u[e] = philox_uniform(dropout_key(seed, stream), index[b]·S + j)
+        u[e] = word (j mod 4) of Philox4x32-10(dropout_key(seed, stream), index[b]·⌈S/4⌉ + ⌊j/4⌋),
+               made uniform as philox_uniform makes its word 0
 
     where b is e's coordinate along ``batch_dim``, S = x.numel() / B the elements per sample and j the
-    row-major position of e within its sample (the other dims in order). P(keep) = P(u ≥ p) = 1 − p to
-    within 2^-31 (u is a multiple of 2^-31 in [0, 1)).
+    row-major position of e within its sample (the other dims in order): each Philox block gives four
+    consecutive elements their uniforms (a quarter of the work of one block per element). P(keep) =
+    P(u ≥ p) = 1 − p to within 2^-31 (u is a multiple of 2^-31 in [0, 1)).
 
     Args:
         x: any shape with a batch dimension ``batch_dim``; float16, bfloat16, float32 or float64.
         p: drop probability in [0, 1]. p = 0 or ``training=False`` returns x itself; p = 1 zeroes x.
         seed: Python int in [0, 2^63); None draws one from torch's default CPU generator (so
             ``torch.manual_seed`` makes the call repeatable, as with torch's dropout).
-        index: (B,) integer tensor of global sample indices on x's device (default ``arange(B)``). Two
-            calls that give a sample the same (seed, stream, index, S) drop the same elements.
+        index: (B,) integer tensor of global sample indices on x's device (default ``arange(B)``), in
+            [0, 2^63 / ⌈S/4⌉). Two calls that give a sample the same (seed, stream, index, S) drop the
+            same elements.
         batch_dim: the dimension of x that indexes samples.
         stream: separates independent dropout sites that share a seed (mim_fast.nn.Dropout's ``stream``).
-        backend: where the Philox draws run: "auto", "torch", "cpu", "cuda" or "triton"; every backend
-            draws the same bits, so the mask is bit-identical on each.
+        backend: "auto" (the fused kernel of x's device), "cpu", "cuda", "triton" (fused kernels), or
+            "torch" (the composed reference); every backend draws the same bits, so the mask is
+            bit-identical on each.
 
     Returns a new tensor of x's shape and dtype (contiguous). Differentiable: the backward regenerates m
     from (seed, stream, index) and multiplies the incoming gradient by it — nothing x-sized is saved, only
     ``index``. Numerics: NaN/inf in a dropped element give NaN (x·0), as torch's dropout.
 
-    Cost (not yet fused; issue 13): one int64 counter, one float32 uniform and one mask value per element
-    are materialized, i.e. ~3 passes over x-sized temporaries besides reading x and writing y; the same
-    again in the backward.
+    Cost: one fused pass — x read once, y written once, the uniforms drawn where they are used (C++ on
+    CPU, CUDA, Triton); the same in the backward. ``backend="torch"`` runs the composed reference instead
+    (counters, uniforms and the mask materialized), which gives the same bits.
     """
     _checks.float_tensor("x", x)
     p = _checks.real("p", p, ge=0.0)
@@ -91,25 +94,27 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, seed: Optional[int] = None, inde
         _checks.same_shape("index", index, (B,), "(B,) to match x's batch_dim %d of" % batch_dim, x.shape)
         _checks.same_device("x", x, index=index)
     if B and _checks.can_inspect_values(index):
-        per_sample = x.numel() // B
-        if int(index.min()) < 0 or (int(index.max()) + 1) * per_sample > 2**63:
-            raise ValueError("index must lie in [0, 2^63 / S) with S = %d elements per sample; got min %d, max %d"
-                             % (per_sample, int(index.min()), int(index.max())))
+        blocks = _blocks_per_sample(x.numel() // B)
+        if int(index.min()) < 0 or (int(index.max()) + 1) * blocks > 2**63:
+            raise ValueError("index must lie in [0, 2^63 / ⌈S/4⌉) with S = %d elements per sample; got min %d, max %d"
+                             % (x.numel() // B, int(index.min()), int(index.max())))
     if backend not in ("auto", "torch", "cpu", "cuda", "triton"):
         raise ValueError("backend must be 'auto', 'torch', 'cpu', 'cuda' or 'triton'; got %r" % (backend,))
     return torch.ops.mim_fast.dropout(x, index, seed, stream, p, batch_dim, backend)
 
 
-def _scaled_mask(shape, dtype, device, index, seed, stream, p, batch_dim, backend) -> torch.Tensor:
-    """m (``shape``, ``dtype``): 1[u ≥ p]/(1 − p) with u keyed as :func:`dropout` documents."""
+def _scaled_mask(shape, dtype, device, index, seed, stream, p, batch_dim) -> torch.Tensor:
+    """m (``shape``, ``dtype``): 1[u ≥ p]/(1 − p) with u keyed as :func:`dropout` documents, composed of torch
+    operations (the reference the fused kernels are tested against)."""
     moved = list(shape)
     B = moved.pop(batch_dim)
     per_sample = 1
     for s in moved:
         per_sample *= s
-    counters = index.to(torch.int64)[:, None] * per_sample + torch.arange(per_sample, dtype=torch.int64,
-                                                                            device=device)
-    u = philox_counters(dropout_key(seed, stream), counters, backend=backend)  # (B, S) float32
+    j = torch.arange(per_sample, dtype=torch.int64, device=device)
+    blocks = index.to(torch.int64)[:, None] * _blocks_per_sample(per_sample) + j // 4
+    words = reference.philox_uniform4(dropout_key(seed, stream), blocks)  # (4, B, S) float32
+    u = words.gather(0, (j % 4).expand(1, B, per_sample)).squeeze(0)     # word j mod 4 of block ⌊j/4⌋
     scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
     m = (u >= p).to(dtype) * scale
     return m.reshape([B] + moved).movedim(0, batch_dim)
@@ -122,8 +127,46 @@ def _scaled_mask(shape, dtype, device, index, seed, stream, p, batch_dim, backen
 @torch.library.custom_op("mim_fast::dropout", mutates_args=())
 def _dropout_op(x: torch.Tensor, index: torch.Tensor, seed: int, stream: int, p: float, batch_dim: int,
                 backend: str) -> torch.Tensor:
-    m = _scaled_mask(tuple(x.shape), x.dtype, x.device, index, seed, stream, p, batch_dim, backend)
+    fused = _fused_backend(backend, x)
+    key = dropout_key(seed, stream)
+    if fused in ("cpu", "cuda"):
+        return torch.ops.mim_fast.dropout_apply(x, index.to(torch.int64), key, p, batch_dim)
+    if fused == "triton":
+        from ..triton import dropout as triton_dropout
+
+        return triton_dropout.dropout_apply(x, index, key, p, batch_dim, _kept_factor(p, x.dtype))
+    m = _scaled_mask(tuple(x.shape), x.dtype, x.device, index, seed, stream, p, batch_dim)
     return (x * m).contiguous()
+
+
+def _blocks_per_sample(per_sample: int) -> int:
+    """Philox blocks a sample's S elements take: ⌈S/4⌉ (each block gives four uniforms)."""
+    return (per_sample + 3) // 4
+
+
+def _fused_backend(backend: str, x: torch.Tensor) -> Optional[str]:
+    """The fused kernel to run — one pass, the uniforms drawn where they are used (csrc/dropout.cpp,
+    kernels/dropout.cu, mim_fast/triton/dropout.py) — or None for the composed reference (backend
+    "torch", or "auto" where no kernel serves the device and dtype). Every path gives the same bits."""
+    status = _backends.backend_status("philox_uniform", x.device, (torch.float32,))
+    if backend == "torch":
+        return None
+    if backend == "auto":
+        native = x.device.type if x.device.type in ("cpu", "cuda") else None
+        if native is None or status[native] is not None or (native == "cuda" and x.dtype == torch.float64):
+            return None
+        return native
+    if status[backend] is not None:
+        raise _backends.BackendUnavailableError("dropout: backend %r cannot run here: %s" % (backend, status[backend]))
+    if backend in ("cuda", "triton") and x.dtype == torch.float64:
+        return None  # the GPU kernels take 16/32-bit floats: float64 composes, drawing on that backend's Philox
+    return backend
+
+
+def _kept_factor(p: float, dtype: torch.dtype) -> float:
+    """1/(1 − p) rounded as ``mask.to(dtype) * scale`` rounds it (float16/bfloat16: through float32)."""
+    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    return float(torch.tensor(scale, dtype=torch.float32 if dtype != torch.float64 else torch.float64).to(dtype))
 
 
 @_dropout_op.register_fake

@@ -22,6 +22,18 @@ def philox_uniform_block(seed, counters):
 
 
 @triton.jit
+def philox_word_uniform(seed, counters, word):
+    """float32 uniforms from word ``word`` (0-3, per element) of the Philox block at each counter: the four
+    words made uniform as ``tl.rand`` makes word 0 (mim_fast.reference.philox_uniform4)."""
+    lo = counters.to(tl.uint32)
+    hi = (counters >> 32).to(tl.uint32)
+    zero = lo * 0
+    w0, w1, w2, w3 = tl.philox(seed, lo, hi, zero, zero)
+    w = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+    return tl.uint_to_uniform_float(w)
+
+
+@triton.jit
 def _philox_uniform_kernel(counters_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
