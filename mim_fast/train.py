@@ -7,9 +7,10 @@ The step is MIM's, repaired: one forward pass, two gradient sets from the same g
     g_A = ∇_{θ_UPN}(penalty_weight·Σ_m P_m + masked)         → Adam over the mask learners
     g_B = ∇_{θ_all}(unmasked + inter + intra + L_cls)          → Adam over all parameters
 
-(``optimizer="joint"``: one Adam over all parameters on the sum). Evaluation uses the expected
-(deterministic) gates unless ``eval_gate="sample"`` (the published behaviour). Model selection: the epoch
-with the lowest dev L1, as published. Every epoch's randomness (shuffling, dropout, gate noise) is a
+(``optimizer="joint"``: one Adam over all parameters on the sum). The settings come from a preset
+(``TrainConfig.preset``: "mim", the released code's; "demo", the fast synthetic demo), each overridable.
+Evaluation reports both metric conventions by name (:func:`mim_fast.metrics.regression_metrics`).
+Model selection: the epoch with the lowest dev L1, as published. Every epoch's randomness (shuffling, dropout, gate noise) is a
 function of (seed, epoch) alone, and the gate noise of a sample is keyed by its global index, so a run
 resumed from an epoch checkpoint — even after an interruption mid-epoch — reproduces the uninterrupted
 run exactly.
@@ -22,7 +23,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, NamedTuple, Optional
+from typing import Dict, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -38,92 +39,156 @@ __all__ = ["TrainConfig", "Batch", "batches", "load_for_training", "run", "build
 
 
 # The synthetic data of the default run (the demo): impure steps form one contiguous stretch per sample
-# and carry a marker, see DEMO DEVIATIONS in TrainConfig's docstring.
+# and carry a marker, see TrainConfig's docstring. Data, not a setting: every preset trains on it.
 DEMO_SYNTHETIC = {"marker": 3.0, "contiguous": True}
-# The demo's values of the two settings it changes (TrainConfig's DEMO DEVIATIONS), and MIM's, used on
-# real data: a config leaving them at None gets the set that matches its data.
-DEMO_DEFAULTS = {"penalty_weight": 1.0, "mask_ratio": 1}
-MIM_DEFAULTS = {"penalty_weight": 0.1, "mask_ratio": 5}
+
+# The two presets (TrainConfig's docstring and the README's table say where and why they differ). Every
+# field named here defaults to None in TrainConfig and takes the preset's value unless given explicitly.
+PRESETS = {
+    # MIM as released (github zengy268/MIM: README's config, train.py, modules/model.py), see SPEC §3.
+    "mim": dict(
+        epochs=100, batch_size=16, lr=1e-5, weight_decay=0.0, d_model=80, heads=5, text_layers=0, av_layers=3,
+        fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=True,
+        per_sample=False, kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, eval_gate="sample",
+        # the UPN
+        upn=True, penalty_weight=0.1, penalty_scale="none", penalty_warmup=0, gate_penalty="mim", loc_bias=3.0,
+        mask_ratio=5, mask_score_bias="pytorch", mask_score_relu=True, mask_residual=False, pool_norm="T"),
+    # The fast demo on the synthetic data (~2 min on 2 cores), with a purification network that purifies.
+    "demo": dict(
+        epochs=30, batch_size=32, lr=1e-3, weight_decay=0.0, d_model=40, heads=5, text_layers=0, av_layers=1,
+        fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=False,
+        per_sample=True, kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, eval_gate="expected",
+        # the UPN
+        upn=True, penalty_weight=1.0, penalty_scale="none", penalty_warmup=0, gate_penalty="mim", loc_bias=3.0,
+        mask_ratio=1, mask_score_bias=0.1, mask_score_relu=True, mask_residual=False, pool_norm="T"),
+}
+PENALTY_SCALES = ("none", "task")
 
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on (saved as config.json in the run folder).
 
-    DEMO DEVIATIONS from MIM. The defaults are MIM's except where its settings demonstrably keep the
-    purification network (UPN) from learning on the demo's scale (~750 steps on the synthetic data);
-    each was measured (README, "What the demo shows"). ``penalty_weight`` and ``mask_ratio`` left at None
-    are resolved from ``data`` when the config is made: the demo's values on "synthetic", MIM's (0.1 and
-    5) on a dataset pickle, so real-data runs train as published unless asked otherwise.
+    PRESETS. ``preset="mim"`` is the configuration of the released MIM code (github zengy268/MIM), every
+    hyper-parameter as published; ``preset="demo"`` is the fast demo on the synthetic data, whose
+    purification network (UPN) demonstrably purifies there. ``preset=None`` picks "demo" for
+    ``data="synthetic"`` and "mim" for a dataset pickle. Each field that defaults to None takes the
+    preset's value (``PRESETS``) unless given explicitly: ``TrainConfig(preset="mim", lr=1e-3)`` is MIM
+    with another learning rate. Values are resolved at construction (so ``dataclasses.replace`` keeps
+    them), and config.json records the preset and every resolved value.
 
-    * ``penalty_weight = 1.0`` on the demo (MIM: 0.1). Both gradient sets push every gate open: closing any step shrinks
+    Where the released code is silent or broken: its ``global_configs.py`` is a file of NUL bytes (the
+    values come from its README), so the pooling activation is unknown — both tanh and ReLU are commented
+    in; we use tanh (SPEC §1). Its seed is hard-coded to 3407 (``set_random_seed`` ignores its argument):
+    ours is a replicate index (default 0) in both presets, since our random streams differ from its
+    anyway. It evaluates dev/test at batch 128 and selects by the mean of per-batch dev L1s; we evaluate
+    at ``batch_size`` and select by the per-sample mean dev L1 (no batch-size effect: gate noise is keyed
+    by sample). Its Transformer has attention dropout 0.5; torch's layer has one dropout, 0.3
+    (:class:`~mim_fast.nn.SequenceEncoder`). Without BERT weights (``bert_path``) text ids get a learned
+    embedding instead of BERT.
+
+    DEMO vs MIM (measured on the synthetic data; README, "What the demo shows"):
+
+    * speed: 30 epochs (MIM 100), batch 32 (16), lr 1e-3 (1e-5: with a fresh model and no pretrained BERT
+      1e-5 barely moves in 30 epochs), D = 40 (80), 1 audio/vision Transformer layer (3), every train
+      batch (MIM drops the last incomplete one), per-sample KGS routing (the paper's "sample
+      variations"; the released code routes by batch means), expected gates in evaluation (the released
+      HardConcrete has no eval branch and samples).
+    * ``penalty_weight = 1.0`` (MIM: 0.1). Both gradient sets push every gate open: closing any step shrinks
       the pooled k_m = (1/T)·Σ_t φ(x_t·z_t), so ∂masked/∂c and ∂(task + KGS)/∂c are negative on average
       over all steps, impure ones included. At 0.1 the penalty's gradient per logit is ~10× smaller than
       that common push, the logits drift up (demo data, penalty 0.1: text's a from 3 to ≈5 in 150 steps),
       the gates saturate open and no step closes. At 1.0 it outweighs the push on impure steps, where the
       task gradient is weak or says "close", but not on clean ones (2.0 closes clean steps too).
-    * ``mask_ratio = 1`` on the demo (MIM: 5). The mask learner maps per-step scores to logits with an MLP across
+    * ``mask_ratio = 1`` (MIM: 5). The mask learner maps per-step scores to logits with an MLP across
       time, T → T/ratio → T. At the demo's T = 20 a ratio of 5 leaves 4 units, too few to close a
       stretch at an arbitrary position (a supervised probe on the true masks reaches 98% step accuracy in
       200 steps with ratio 1, ~90% in 300 with ratio 5).
-    * ``mask_score_bias = 0.1`` (MIM: PyTorch's default init). The score unit ends in a ReLU; with the
-      default init its pre-activation is negative for every input in some modalities (text at seed 0), so
-      every score is 0, no gradient ever reaches the LSTM or the score MLP, and the logits cannot depend
-      on the step. A small positive bias starts the unit alive. ``None`` restores the published init.
-    * the synthetic data (``DEMO_SYNTHETIC``): impure steps are one contiguous stretch per sample (the
-      generator's docstring's "off-topic stretch, like a quote or background speech") that carries a
-      marker (its own signature, as background speech or a sensor fault has its own spectrum), instead of
-      scattered, step-for-step indistinguishable steps. The encoders mix neighbouring steps (Conv1d k=3,
-      and attention for audio/vision), so a scattered impure step is mostly clean context after encoding
-      and closing it removes signal; without a marker nothing local tells it apart.
+    * ``mask_score_bias = 0.1`` (MIM: "pytorch", PyTorch's default init). The score unit ends in a ReLU;
+      with the default init its pre-activation is negative for every input in some modalities (text at
+      seed 0), so every score is 0, no gradient ever reaches the LSTM or the score MLP, and the logits
+      cannot depend on the step. A small positive bias starts the unit alive.
+    * the synthetic data (``DEMO_SYNTHETIC``, used by every preset: it is the data, not a setting):
+      impure steps are one contiguous stretch per sample (the generator's docstring's "off-topic
+      stretch, like a quote or background speech") that carries a marker (its own signature, as
+      background speech or a sensor fault has its own spectrum), instead of scattered, step-for-step
+      indistinguishable steps. The encoders mix neighbouring steps (Conv1d k=3, and attention for
+      audio/vision), so a scattered impure step is mostly clean context after encoding and closing it
+      removes signal; without a marker nothing local tells it apart.
     ``loc_bias`` stays MIM's 3 (gates start open): with 1 the gates swung between mostly closed and open
-    and the test error became unstable. ``epochs = 30`` (12 before): the separation grows slowly.
+    and the test error became unstable.
+
+    Options that are not MIM (ablations and the demo's purification): ``upn=False`` (no purification
+    networks: k_m = u_m), ``kgs_transfer=False`` (no intra/inter knowledge transfer; the L1 terms stay),
+    ``pool_norm="open"`` (the purified mean over the open steps, not over T), ``penalty_scale="task"``
+    (the penalty weight multiplied by the detached task loss of the step).
     """
 
     data: str = "synthetic"          # "synthetic" or the path of a MAG-BERT / MMSA pickle
+    preset: Optional[str] = None     # "mim" or "demo"; None: "demo" on synthetic data, "mim" on a pickle
     out: str = "runs/mim"            # the run folder
     seed: int = 0
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    d_model: int = 40
-    heads: int = 5
-    fusion: str = "multiplication"
-    activation: str = "tanh"
-    per_sample: bool = True          # KGS routing per sample (paper) or by batch means (released code)
-    kd_scale: float = 10.0
-    kd_divide_T: bool = False
-    penalty_weight: Optional[float] = None  # weight of Σ_m P_m in phase A; None: 1.0 on the synthetic demo,
-                                     # MIM's 0.1 on a pickle (see DEMO DEVIATIONS)
-    loc_bias: float = 3.0            # the gate's a = g + loc_bias (MIM: 3, i.e. gates start open)
-    gate_penalty: str = "mim"        # "mim" (P(c > 0), published) or "threshold" (P(c > τ))
-    mask_ratio: Optional[int] = None  # the mask learner's time bottleneck T → T/ratio → T; None: 1 on the
-                                     # synthetic demo, MIM's 5 on a pickle (see DEMO DEVIATIONS)
-    mask_score_bias: Optional[float] = 0.1  # initial bias of the score unit (pooler3[2]); None = PyTorch's
-                                     # default init (MIM; its ReLU can start dead, see below)
-    optimizer: str = "two-phase"     # or "joint"
-    eval_gate: str = "expected"      # or "sample" (the published evaluation)
+    # -- from the preset unless given (None) --------------------------------------------------------------
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    d_model: Optional[int] = None
+    heads: Optional[int] = None
+    text_layers: Optional[int] = None  # Transformer layers after the text Conv1d (MIM: 0)
+    av_layers: Optional[int] = None  # ... after the audio/vision Conv1d (MIM: 3)
+    fusion: Optional[str] = None     # "multiplication" (MIM), "add", "concat", "tensor"
+    activation: Optional[str] = None  # φ of the poolings: "tanh", "relu", "identity"
+    optimizer: Optional[str] = None  # "two-phase" (MIM) or "joint"
+    drop_last: Optional[bool] = None  # drop the last incomplete training batch of an epoch (MIM: True)
+    per_sample: Optional[bool] = None  # KGS routing per sample (paper) or by batch means (released code)
+    kgs_transfer: Optional[bool] = None  # False: no intra/inter terms (KGS off; an ablation)
+    kd_scale: Optional[float] = None
+    kd_divide_T: Optional[bool] = None
+    upn: Optional[bool] = None       # False: no purification networks, k_m = u_m (an ablation)
+    penalty_weight: Optional[float] = None  # weight of Σ_m P_m in phase A (MIM: 0.1)
+    penalty_scale: Optional[str] = None  # "none" (MIM) or "task": weight × the step's detached task L1
+    penalty_warmup: Optional[float] = None  # epochs over which the penalty weight ramps up from 0 (MIM: 0)
+    gate_penalty: Optional[str] = None  # "mim" (P(c > 0), published) or "threshold" (P(c > τ))
+    loc_bias: Optional[float] = None  # the gate's a = g + loc_bias (MIM: 3, i.e. gates start open)
+    mask_ratio: Optional[int] = None  # the mask learner's time bottleneck T → T/ratio → T (MIM: 5)
+    mask_score_bias: Optional[Union[float, str]] = None  # initial bias of the score unit (pooler3[2]);
+                                     # "pytorch" = PyTorch's default init (MIM)
+    mask_score_relu: Optional[bool] = None  # the ReLU that ends the score MLP (MIM: True)
+    mask_residual: Optional[bool] = None  # logits = time MLP(scores) + scores (MIM: False, the MLP alone)
+    pool_norm: Optional[str] = None  # purified pooling over "T" (MIM) or over the "open" steps
+    eval_gate: Optional[str] = None  # "expected" or "sample" (the published evaluation)
+    # -- not in the presets --------------------------------------------------------------------------------
     amp: str = "none"                # "none", "bf16" or "fp16"
     device: str = "auto"
     backend: str = "auto"
-    text_layers: int = 0             # Transformer layers after the text Conv1d (MIM: 0)
-    av_layers: int = 1               # ... after the audio/vision Conv1d (MIM: 3; the demo uses 1 for speed)
     synthetic: Dict[str, float] = field(default_factory=lambda: dict(DEMO_SYNTHETIC))  # mim_fast.data.synthetic()
                                      # options (replaces DEMO_SYNTHETIC as a whole when given)
     max_len: int = 50                # MAG-BERT pickles: pad/truncate to this many words
     bert_path: Optional[str] = None  # a local Hugging Face BERT for token-id text (else a learned embedding)
 
     def __post_init__(self):
-        demo = self.data == "synthetic"
-        defaults = DEMO_DEFAULTS if demo else MIM_DEFAULTS
-        for name, value in defaults.items():
+        if self.preset is None:
+            self.preset = "demo" if self.data == "synthetic" else "mim"
+        if self.preset not in PRESETS:
+            raise ValueError("preset must be one of %s; got %r" % (", ".join(map(repr, PRESETS)), self.preset))
+        for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if not (isinstance(self.mask_ratio, int) and self.mask_ratio >= 1):
             raise ValueError("mask_ratio must be an integer >= 1, got %r" % (self.mask_ratio,))
         if not self.penalty_weight >= 0:
             raise ValueError("penalty_weight must be >= 0, got %r" % (self.penalty_weight,))
+        if not self.penalty_warmup >= 0:
+            raise ValueError("penalty_warmup must be >= 0 (epochs), got %r" % (self.penalty_warmup,))
+        if self.penalty_scale not in PENALTY_SCALES:
+            raise ValueError("penalty_scale must be one of %s; got %r" % (PENALTY_SCALES, self.penalty_scale))
+        if not (self.mask_score_bias == "pytorch" or isinstance(self.mask_score_bias, (int, float))):
+            raise ValueError("mask_score_bias must be a number or 'pytorch'; got %r" % (self.mask_score_bias,))
+
+    def overrides(self) -> Dict[str, object]:
+        """The preset fields whose value differs from the preset's: {name: value}."""
+        return {k: getattr(self, k) for k, v in PRESETS[self.preset].items() if getattr(self, k) != v}
 
 
 class RunFolderExists(RuntimeError):
@@ -156,11 +221,14 @@ class Batch(NamedTuple):
     impurity: Optional[Dict[str, torch.Tensor]]
 
 
-def batches(split, batch_size: int, *, shuffle: bool, device: torch.device, seed: int = 0) -> Iterator[Batch]:
-    """Batches of a :class:`~mim_fast.data.MultimodalSplit`, shuffled by a generator seeded with ``seed``."""
+def batches(split, batch_size: int, *, shuffle: bool, device: torch.device, seed: int = 0,
+            drop_last: bool = False) -> Iterator[Batch]:
+    """Batches of a :class:`~mim_fast.data.MultimodalSplit`, shuffled by a generator seeded with ``seed``;
+    ``drop_last`` leaves out the last batch when it is incomplete (as the released code's train loader)."""
     n = len(split)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
         raw = split.batch(order[start:start + batch_size])
         impurity = {m: raw[m + "_impurity"] for m in data_lib.MODALITIES if m + "_impurity" in raw} or None
         yield Batch({m: raw[m].to(device) for m in data_lib.MODALITIES},
@@ -192,9 +260,10 @@ def build_model(dataset, config: TrainConfig) -> MIM:
             layers = config.text_layers if m == "text" else config.av_layers
             specs.append(ModalitySpec(m, "features", dataset.dims[m], T, layers))
     model = MIM(specs, d_model=config.d_model, fusion=config.fusion, activation=config.activation,
-                heads=config.heads, backend=config.backend, eval_mode=config.eval_gate, loc_bias=config.loc_bias,
-                penalty=config.gate_penalty, ratio=config.mask_ratio)
-    if config.mask_score_bias is not None:
+                heads=config.heads, backend=config.backend, eval_mode=config.eval_gate, upn=config.upn,
+                pool_norm=config.pool_norm, loc_bias=config.loc_bias, penalty=config.gate_penalty,
+                ratio=config.mask_ratio, score_relu=config.mask_score_relu, residual=config.mask_residual)
+    if config.mask_score_bias != "pytorch":
         with torch.no_grad():
             for learner in model.masks.values():
                 learner.pooler3[2].bias.fill_(config.mask_score_bias)
@@ -212,8 +281,18 @@ def _autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if config.amp == "bf16" else torch.float16)
 
 
-def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, device: torch.device):
-    """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B)."""
+def penalty_ramp(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """The factor on the penalty weight at step ``step`` (0-based) of ``steps`` in epoch ``epoch`` (1-based):
+    rising linearly from 0 to 1 over the first ``penalty_warmup`` epochs, then 1 (always 1 without warm-up)."""
+    if config.penalty_warmup <= 0:
+        return 1.0
+    return min(1.0, (epoch - 1 + step / max(steps, 1)) / config.penalty_warmup)
+
+
+def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, device: torch.device,
+                   penalty_factor: float = 1.0):
+    """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B). ``penalty_factor``
+    multiplies the penalty weight (:func:`penalty_ramp`)."""
     inputs, lengths, y = batch.inputs, batch.lengths, batch.labels
     with named_range("mim/gate_noise"):
         noise = _noise(model, batch, noise_seed)
@@ -224,8 +303,11 @@ def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, devi
                        kd_scale=config.kd_scale, kd_divide_T=config.kd_divide_T, backend=config.backend)
     with named_range("mim/task_loss"):
         task = (out.prediction.float() - y).abs().mean()
-        loss_a = config.penalty_weight * out.penalty.float().sum() + kgs.masked
-        loss_b = kgs.unmasked + kgs.inter + kgs.intra + task
+        weight = config.penalty_weight * penalty_factor * (task.detach() if config.penalty_scale == "task" else 1.0)
+        loss_a = weight * out.penalty.float().sum() + kgs.masked
+        loss_b = kgs.unmasked + task
+        if config.kgs_transfer:
+            loss_b = loss_b + kgs.inter + kgs.intra
     return out, kgs, task, loss_a, loss_b
 
 
@@ -237,7 +319,9 @@ class Optimizers:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.upn = model.upn_parameters()
         kw = dict(lr=config.lr, weight_decay=config.weight_decay)
-        if config.optimizer == "two-phase":
+        if config.optimizer == "two-phase" and not self.upn:  # no purification networks: phase B alone
+            self.opts = [torch.optim.Adam(self.params, **kw)]
+        elif config.optimizer == "two-phase":
             self.opts = [torch.optim.Adam(self.upn, **kw), torch.optim.Adam(self.params, **kw)]
         elif config.optimizer == "joint":
             self.opts = [torch.optim.Adam(self.params, **kw)]
@@ -250,6 +334,9 @@ class Optimizers:
         with named_range("mim/backward"):
             if self.config.optimizer == "joint":
                 grads = [torch.autograd.grad(sc.scale(loss_a + loss_b), self.params, allow_unused=True)]
+                groups = [self.params]
+            elif not self.upn:
+                grads = [torch.autograd.grad(sc.scale(loss_b), self.params, allow_unused=True)]
                 groups = [self.params]
             else:
                 # Both gradient sets from the same graph before either step: the released code's in-place
@@ -275,9 +362,10 @@ class Optimizers:
         self.scaler.load_state_dict(state["scaler"])
 
 
-def train_step(model: MIM, opt: Optimizers, batch, config: TrainConfig, noise_seed: int, device: torch.device):
+def train_step(model: MIM, opt: Optimizers, batch, config: TrainConfig, noise_seed: int, device: torch.device,
+               penalty_factor: float = 1.0):
     """One MIM update; returns the step's detached losses (floats) for logging."""
-    out, kgs, task, loss_a, loss_b = compute_losses(model, batch, config, noise_seed, device)
+    out, kgs, task, loss_a, loss_b = compute_losses(model, batch, config, noise_seed, device, penalty_factor)
     opt.step(loss_a, loss_b)
     logged = {"task": task, "masked": kgs.masked, "unmasked": kgs.unmasked, "intra": kgs.intra, "inter": kgs.inter,
               "penalty": out.penalty.sum()}
@@ -286,8 +374,9 @@ def train_step(model: MIM, opt: Optimizers, batch, config: TrainConfig, noise_se
 
 @torch.no_grad()
 def evaluate(model: MIM, split, config: TrainConfig, device: torch.device, seed: int) -> dict:
-    """Predictions of a split (eval mode) → the MAG-BERT metrics, the L1 loss, and, where the split has
-    ground-truth impurity masks, the purification quality of the gates."""
+    """Predictions of a split (eval mode) → :func:`mim_fast.metrics.regression_metrics` (both conventions,
+    by name), the L1 loss (``l1``, the per-sample mean: the model-selection criterion), and, where the
+    split has ground-truth impurity masks, the purification quality of the gates (``purification``)."""
     model.eval()
     preds, labels, gates, masks, lens = [], [], {n: [] for n in model.names}, {n: [] for n in model.names}, \
         {n: [] for n in model.names}
@@ -380,8 +469,10 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
         log("model: %d parameters (%d in the mask learners), device %s, backend %s" % (
             sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.upn_parameters()), device,
             config.backend))
-        log("trivial baseline (predict the train mean): test MAE %.4f, Acc-2 %.4f, Acc-7 %.4f" % (
-            baseline["mae"], baseline["acc2"], baseline["acc7"]))
+        log("preset %s%s" % (config.preset, "; overrides: " + ", ".join(
+            "%s=%s" % kv for kv in config.overrides().items()) if config.overrides() else " (no overrides)"))
+        log("trivial baseline (predict the train mean): test MAE(all) %.4f, Acc-2(non0) %.4f, Acc-7 %.4f" % (
+            baseline["mae_all"], baseline["acc2_non0"], baseline["acc7"]))
         log(_header(has_impurity))
     steps = 0
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -391,9 +482,10 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
         model.train()
         sums, n = {}, 0
         epoch_batches = list(batches(dataset.train, config.batch_size, shuffle=True, device=device,
-                                     seed=_epoch_seed(config.seed, epoch, 2)))
+                                     seed=_epoch_seed(config.seed, epoch, 2), drop_last=config.drop_last))
         for i, batch in enumerate(epoch_batches, 1):
-            losses = train_step(model, opt, batch, config, noise_seed, device)
+            losses = train_step(model, opt, batch, config, noise_seed, device,
+                                penalty_ramp(config, epoch, i - 1, len(epoch_batches)))
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
@@ -422,14 +514,31 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, p
     _plots(result, config.out, log)
     best = state["best"]
     if best is not None:
-        log("best epoch %d (lowest dev L1 %.4f): test MAE %.4f, Corr %.4f, Acc-2 %.4f, F1 %.4f, Acc-7 %.4f" % (
-            best["epoch"], best["dev"]["l1"], best["test"]["mae"], best["test"]["corr"], best["test"]["acc2"],
-            best["test"]["f1"], best["test"]["acc7"]))
+        log("best epoch %d (lowest dev L1 %.4f), test metrics:" % (best["epoch"], best["dev"]["l1"]))
+        log(metrics_table(best["test"]))
     return result
 
 
+# The columns of the per-epoch table: (metrics key, header). Test metrics, the two conventions named.
+_COLUMNS = (("mae_all", "MAE all"), ("corr_all", "Corr all"), ("acc2_has0", "Acc2 has0"),
+            ("acc2_non0", "Acc2 non0"), ("f1_non0", "F1 non0"), ("acc7", "Acc7"))
+
+
+def metrics_table(m: dict) -> str:
+    """A two-column text table of :func:`~mim_fast.metrics.regression_metrics`' output, each convention
+    named: MAE/Corr on all samples and on y ≠ 0, Acc-2/F1 has-0, non-0 by MAG-BERT's rule (pred ≥ 0, what
+    MIM reports) and by MMSA's (pred > 0), Acc-5, Acc-7."""
+    names = {"mae_all": "MAE, all samples (MMSA)", "corr_all": "Corr, all samples (MMSA)",
+             "mae_non0": "MAE, y != 0 (MAG-BERT, MIM)", "corr_non0": "Corr, y != 0 (MAG-BERT, MIM)",
+             "acc2_has0": "Acc-2 has-0: pred >= 0 vs y >= 0, all", "f1_has0": "F1 has-0 (weighted)",
+             "acc2_non0": "Acc-2 non-0, MAG-BERT (MIM): pred >= 0, y != 0", "f1_non0": "F1 non-0, MAG-BERT (MIM)",
+             "acc2_non0_mmsa": "Acc-2 non-0, MMSA: pred > 0, y != 0", "f1_non0_mmsa": "F1 non-0, MMSA",
+             "acc5": "Acc-5 (clip ±2)", "acc7": "Acc-7 (clip ±3)"}
+    return "\n".join("  %-48s %.4f" % (names[k], m[k]) for k in metrics_lib.METRIC_KEYS)
+
+
 def _header(impurity: bool) -> str:
-    cols = "epoch | train L1 | dev L1 | test MAE | Corr   | Acc-2  | F1     | Acc-7  |"
+    cols = "epoch | train L1 | dev L1 | " + " | ".join(h for _, h in _COLUMNS) + " |"
     if impurity:
         cols += " gate closed impure/clean (per modality) |"
     return cols + "  time"
@@ -437,8 +546,8 @@ def _header(impurity: bool) -> str:
 
 def _row(row: dict, best: bool) -> str:
     t = row["test"]
-    s = "%5d | %8.4f | %6.4f | %8.4f | %.4f | %.4f | %.4f | %.4f |" % (
-        row["epoch"], row["train"]["task"], row["dev"]["l1"], t["mae"], t["corr"], t["acc2"], t["f1"], t["acc7"])
+    s = "%5d | %8.4f | %6.4f | " % (row["epoch"], row["train"]["task"], row["dev"]["l1"]) + " | ".join(
+        "%*.4f" % (len(h), t[k]) for k, h in _COLUMNS) + " |"
     if "purification" in t:
         s += " " + " ".join("%s %.2f/%.2f" % (n[0], v["closed_impure"], v["closed_clean"])
                             for n, v in t["purification"].items()) + " |"
@@ -461,12 +570,12 @@ def _plots(result: dict, out: str, log) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot(ep, [h["train"]["task"] for h in hist], label="train L1")
     ax[0].plot(ep, [h["dev"]["l1"] for h in hist], label="dev L1")
-    ax[0].plot(ep, [h["test"]["mae"] for h in hist], label="test MAE")
-    ax[0].axhline(result["baseline"]["mae"], color="gray", ls="--", label="trivial baseline")
+    ax[0].plot(ep, [h["test"]["mae_all"] for h in hist], label="test MAE (all)")
+    ax[0].axhline(result["baseline"]["mae_all"], color="gray", ls="--", label="trivial baseline")
     ax[0].set_xlabel("epoch"); ax[0].legend(); ax[0].set_title("losses")
-    ax[1].plot(ep, [h["test"]["acc2"] for h in hist], label="Acc-2")
+    ax[1].plot(ep, [h["test"]["acc2_non0"] for h in hist], label="Acc-2 (non-0)")
     ax[1].plot(ep, [h["test"]["acc7"] for h in hist], label="Acc-7")
-    ax[1].plot(ep, [h["test"]["corr"] for h in hist], label="Corr")
+    ax[1].plot(ep, [h["test"]["corr_all"] for h in hist], label="Corr (all)")
     ax[1].set_xlabel("epoch"); ax[1].legend(); ax[1].set_title("test metrics")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=110)

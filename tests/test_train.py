@@ -1,4 +1,5 @@
 """The MIM model, its training step, evaluation, checkpoint/resume and the `mim-fast train` CLI."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -110,7 +111,7 @@ def test_training_learns_and_writes_the_run_folder(tmp_path):
     assert saved["best"]["epoch"] == result["best"]["epoch"]
     assert len(saved["history"]) == 4
     best = result["best"]["test"]
-    assert best["mae"] < 0.8 * result["baseline"]["mae"]  # clearly better than predicting the mean
+    assert best["mae_all"] < 0.8 * result["baseline"]["mae_all"]  # clearly better than predicting the mean
     assert set(best["purification"]) == {"text", "audio", "vision"}
     assert result["best"]["dev"]["l1"] == min(h["dev"]["l1"] for h in result["history"])
 
@@ -124,7 +125,7 @@ def test_resume_after_an_interrupted_epoch_reproduces_the_uninterrupted_run(tmp_
     resumed = T.run(tiny_config(tmp_path / "b", epochs=3), resume=True, progress=False, log=lambda *a: None)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     for a, b in zip(full["history"], resumed["history"]):
-        assert a["train"] == b["train"] and a["dev"]["l1"] == b["dev"]["l1"] and a["test"]["mae"] == b["test"]["mae"]
+        assert a["train"] == b["train"] and a["dev"]["l1"] == b["dev"]["l1"] and a["test"]["mae_all"] == b["test"]["mae_all"]
     a_model = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=False)["model"]
     b_model = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["model"]
     for k in a_model:
@@ -145,7 +146,7 @@ def test_run_folder_is_not_overwritten_unless_asked(tmp_path):
                                     dict(amp="bf16"), dict(fusion="tensor")])
 def test_training_options_run(tmp_path, option):
     result = T.run(tiny_config(tmp_path, epochs=1, **option), progress=False, log=lambda *a: None)
-    assert torch.isfinite(torch.tensor(result["best"]["test"]["mae"]))
+    assert torch.isfinite(torch.tensor(result["best"]["test"]["mae_all"]))
 
 
 def test_cli_train_and_its_errors(tmp_path):
@@ -171,18 +172,79 @@ def test_purification_network_closes_impure_steps_more_often_than_clean_ones(tmp
     syn = {**T.DEMO_SYNTHETIC, "n_train": 600, "n_dev": 100, "n_test": 200, "T": 12, "dims": [12, 8, 8]}
     cfg = T.TrainConfig(out=str(tmp_path / "run"), synthetic=syn, d_model=16, heads=2, epochs=20, lr=3e-3, seed=0)
     result = T.run(cfg, progress=False, log=lambda *a: None)
-    assert result["best"]["test"]["mae"] < 0.6 * result["baseline"]["mae"]
+    assert result["best"]["test"]["mae_all"] < 0.6 * result["baseline"]["mae_all"]
     text = result["history"][-1]["test"]["purification"]["text"]
     assert text["closed_impure"] >= 0.3 and text["closed_clean"] <= 0.2, text
     assert text["difference"] >= 0.25, text
 
 
-def test_demo_deviations_apply_to_the_synthetic_demo_only():
-    demo, real = T.TrainConfig(), T.TrainConfig(data="mosi.pkl")
-    assert (demo.penalty_weight, demo.mask_ratio) == (1.0, 1)
-    assert (real.penalty_weight, real.mask_ratio) == (0.1, 5)  # MIM's, on real data
-    assert T.TrainConfig(data="mosi.pkl", penalty_weight=0.5, mask_ratio=2).mask_ratio == 2
-    with pytest.raises(ValueError, match="mask_ratio"):
-        T.TrainConfig(mask_ratio=0)
-    with pytest.raises(ValueError, match="penalty_weight"):
-        T.TrainConfig(penalty_weight=-1.0)
+# The presets, written out independently of train.PRESETS. "mim": the released code (github zengy268/MIM):
+# README config (lr 1e-5, d_l 80, n_epochs 100, train_batch_size 16), train.py (Adam for the UPNs and Adam for
+# everything, p_w = 0.1, batch-mean routing of Loss_intra/Adjuster, DataLoader(shuffle=True, drop_last=True)),
+# modules/model.py (3-layer 5-head audio/vision Transformers, text Conv1d only, HardConcrete(beta=1/3,
+# gamma=-0.2, zeta=1, loc_bias=3) sampled in eval too, ratio 5, default init, multiplication fusion,
+# mean over T), loss_kd (temperature 10·alpha, no division of the logits).
+MIM_PRESET = dict(
+    epochs=100, batch_size=16, lr=1e-5, weight_decay=0.0, d_model=80, heads=5, text_layers=0, av_layers=3,
+    fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=True, per_sample=False,
+    kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, upn=True, penalty_weight=0.1, penalty_scale="none",
+    gate_penalty="mim", loc_bias=3.0, mask_ratio=5, mask_score_bias="pytorch", pool_norm="T", eval_gate="sample")
+DEMO_PRESET = dict(
+    epochs=30, batch_size=32, lr=1e-3, weight_decay=0.0, d_model=40, heads=5, text_layers=0, av_layers=1,
+    fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=False, per_sample=True,
+    kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, upn=True, penalty_weight=1.0, penalty_scale="none",
+    gate_penalty="mim", loc_bias=3.0, mask_ratio=1, mask_score_bias=0.1, pool_norm="T", eval_gate="expected")
+NOT_PRESET = dict(seed=0, amp="none", device="auto", backend="auto", max_len=50, bert_path=None,
+                  synthetic=T.DEMO_SYNTHETIC)
+
+
+@pytest.mark.parametrize("preset, data, want", [("mim", "mosi.pkl", MIM_PRESET), ("demo", "synthetic", DEMO_PRESET)])
+def test_each_preset_field_by_field(preset, data, want):
+    default = T.TrainConfig(data=data)  # the default preset of the data: mim on a pickle, demo on synthetic
+    named = T.TrainConfig(data=data, preset=preset)
+    other = T.TrainConfig(data="mosi.pkl" if data == "synthetic" else "synthetic", preset=preset)
+    for cfg in (default, named, other):
+        got = dataclasses.asdict(cfg)
+        assert got.pop("preset") == preset and got.pop("out") == "runs/mim"
+        assert got.pop("data") in ("mosi.pkl", "synthetic")
+        assert got == {**want, **NOT_PRESET}
+        assert cfg.overrides() == {}
+    assert set(want) == set(T.PRESETS[preset])  # every preset field is checked here
+
+
+def test_explicit_values_override_the_preset_and_are_recorded(tmp_path):
+    cfg = T.TrainConfig(data="mosi.pkl", lr=1e-3, per_sample=True, mask_score_bias=0.1, epochs=7)
+    assert cfg.preset == "mim"
+    assert cfg.overrides() == {"lr": 1e-3, "per_sample": True, "mask_score_bias": 0.1, "epochs": 7}
+    assert {k: getattr(cfg, k) for k in MIM_PRESET if k not in cfg.overrides()} == {
+        k: v for k, v in MIM_PRESET.items() if k not in cfg.overrides()}
+    assert T.TrainConfig(preset="mim", penalty_weight=0.1).overrides() == {}  # equal to the preset's value
+    for bad, match in ((dict(mask_ratio=0), "mask_ratio"), (dict(penalty_weight=-1.0), "penalty_weight"),
+                       (dict(preset="paper"), "preset"), (dict(penalty_scale="loss"), "penalty_scale"),
+                       (dict(mask_score_bias="zero"), "mask_score_bias")):
+        with pytest.raises(ValueError, match=match):
+            T.TrainConfig(**bad)
+    # config.json: the preset and every resolved value
+    cfg = tiny_config(tmp_path, epochs=1, preset="mim", mask_ratio=2, drop_last=False)
+    T.run(cfg, progress=False, log=lambda *a: None)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert saved["preset"] == "mim" and saved["mask_ratio"] == 2 and saved["per_sample"] is False
+    assert None not in [saved[k] for k in MIM_PRESET]
+
+
+def test_cli_preset_and_flags(monkeypatch):
+    from mim_fast import cli
+
+    seen = []
+    monkeypatch.setattr(T, "run", lambda config, **kw: seen.append(config) or {})
+    assert cli.main(["train", "--preset", "mim", "--lr", "0.001", "--routing", "off", "--pool-norm", "open",
+                     "--mask-score-bias", "0.2", "--no-upn", "--layers", "2"]) == 0
+    assert cli.main(["train", "--data", "mosi.pkl", "--routing", "per-sample", "--mask-score-bias", "pytorch"]) == 0
+    assert cli.main(["train"]) == 0
+    a, b, c = seen
+    assert a.preset == "mim" and a.overrides() == {"lr": 0.001, "kgs_transfer": False, "pool_norm": "open",
+                                                   "mask_score_bias": 0.2, "upn": False, "av_layers": 2}
+    assert b.preset == "mim" and b.overrides() == {"per_sample": True}
+    assert c.preset == "demo" and c.overrides() == {}
+    assert cli.main(["train", "--preset", "mim", "--mask-ratio", "0"]) == 2  # a config error, not a traceback
