@@ -499,3 +499,31 @@ def test_mim_model_pool_norm_and_no_upn():
     assert torch.equal(out.gates[0], torch.ones(3, 10)) and out.gates[1].sum(1).tolist() == [10, 3, 0]
     with pytest.raises(ValueError, match="pool_norm"):
         MIM(specs, d_model=6, heads=2, pool_norm="mean")
+
+
+def test_mask_learner_linear_score_and_skip_connection():
+    """score_relu=False drops the ReLU that ends pooler3, residual=True adds the scores to imp_ratio's
+    output; neither changes a parameter, so the published tree still loads."""
+    d, B, T = 6, 3, 10
+    ref = PublishedMaskLearner(d, T)
+    x = torch.randn(T, B, d)
+    for score_relu, residual in itertools.product((True, False), repeat=2):
+        m = MaskLearner(d, T, score_relu=score_relu, residual=residual)
+        m.load_state_dict(ref.state_dict(), strict=True)
+        h, _ = ref.lstm(x)
+        pre = ref.pooler3[:3](h.transpose(0, 1))[..., 0]  # (B, T): the score before its final ReLU
+        scores = torch.relu(pre) if score_relu else pre
+        want = ref.imp_ratio(scores) + (scores if residual else 0)
+        torch.testing.assert_close(m.gate_logits(x), want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        ref.pooler3[2].bias.fill_(-100.0)  # a dead score unit: with the ReLU the logits ignore the input
+    dead = MaskLearner(d, T)
+    dead.load_state_dict(ref.state_dict())
+    logits = dead.gate_logits(x)
+    assert torch.equal(logits, logits[:1].expand_as(logits))
+    linear = MaskLearner(d, T, score_relu=False, residual=True)
+    linear.load_state_dict(ref.state_dict())
+    logits = linear.gate_logits(x)
+    assert not torch.equal(logits, logits[:1].expand_as(logits))
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        MaskLearner(d, T, residual=1)
