@@ -77,6 +77,38 @@ CANDIDATES = {
     "res_thr_r5_pw03": dict(RESID, penalty_weight=0.3, gate_penalty="threshold", mask_ratio=5),
     "res_thr_open_pw03": dict(RESID, penalty_weight=0.3, gate_penalty="threshold", pool_norm="open"),
     "res_thr_task_pw1": dict(RESID, penalty_weight=1.0, gate_penalty="threshold", penalty_scale="task"),
+    # Over T, a clean step is worth keeping in proportion to |y| (closing it shrinks k): res_thr_pw05 at
+    # epoch 17 closes 66 % of the clean text steps in the quarter of samples with the smallest |y|, 4 % in the
+    # largest, and keeps impure steps of strong samples open. Over the open steps every sample weighs alike,
+    # but at 0.3 too little closes (res_thr_open_pw03): stronger penalties, now that positions cannot die
+    "res_thr_open_pw06": dict(RESID, penalty_weight=0.6, gate_penalty="threshold", pool_norm="open"),
+    "res_thr_open_pw1": dict(RESID, penalty_weight=1.0, gate_penalty="threshold", pool_norm="open"),
+    "res_thr_open_pw2": dict(RESID, penalty_weight=2.0, gate_penalty="threshold", pool_norm="open"),
+    # Over the open steps the gates close without regard to impurity at every weight: back to T, around
+    # res_thr_pw03 / res_thr_r5_pw03
+    "res_thr_r5_pw04": dict(RESID, penalty_weight=0.4, gate_penalty="threshold", mask_ratio=5),
+    "res_thr_r5_pw03_lb5": dict(RESID, penalty_weight=0.3, gate_penalty="threshold", mask_ratio=5, loc_bias=5.0),
+    "res_thr_r5_pw03_kgsoff": dict(RESID, penalty_weight=0.3, gate_penalty="threshold", mask_ratio=5,
+                                   kgs_transfer=False),
+    "res_thr_r5_pw03_batch": dict(RESID, penalty_weight=0.3, gate_penalty="threshold", mask_ratio=5,
+                                  per_sample=False),
+    # is it the KGS transfer that keeps open pooling from selecting? (its gradient on impure text logits was
+    # -7e-4 at steps 450 and 750 of res_thr_open_pw03, benchmarks/upn_gradients.py)
+    "res_thr_open_pw06_kgsoff": dict(RESID, penalty_weight=0.6, gate_penalty="threshold", pool_norm="open",
+                                     kgs_transfer=False),
+    # No: over the open steps whole positions close (one bias per position in the time MLP; closing a
+    # position for every sample leaves the mean unbiased, so only the penalty speaks). Back to T, with the
+    # penalty of each sample's steps priced by |yk - bias| (penalty_scale="sample"), against the |y| effect
+    "res_thr_sample_pw03": dict(RESID, penalty_weight=0.3, gate_penalty="threshold", penalty_scale="sample"),
+    "res_thr_sample_pw05": dict(RESID, penalty_weight=0.5, gate_penalty="threshold", penalty_scale="sample"),
+    "res_thr_r5_sample_pw03": dict(RESID, penalty_weight=0.3, gate_penalty="threshold", penalty_scale="sample",
+                                   mask_ratio=5),
+    # the clean steps stay open now (0.02-0.03 closed at 0.3): stronger weights for the impure ones
+    "res_thr_sample_pw07": dict(RESID, penalty_weight=0.7, gate_penalty="threshold", penalty_scale="sample"),
+    "res_thr_sample_pw1": dict(RESID, penalty_weight=1.0, gate_penalty="threshold", penalty_scale="sample"),
+    "res_thr_r5_sample_pw05": dict(RESID, penalty_weight=0.5, gate_penalty="threshold", penalty_scale="sample",
+                                   mask_ratio=5),
+    "res_thr_sample_pw06": dict(RESID, penalty_weight=0.6, gate_penalty="threshold", penalty_scale="sample"),
 }
 
 

@@ -59,10 +59,10 @@ PRESETS = {
         fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=False,
         per_sample=True, kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, eval_gate="expected",
         # the UPN
-        upn=True, penalty_weight=1.0, penalty_scale="none", penalty_warmup=0, gate_penalty="mim", loc_bias=3.0,
-        mask_ratio=1, mask_score_bias=0.1, mask_score_relu=True, mask_residual=False, pool_norm="T"),
+        upn=True, penalty_weight=0.3, penalty_scale="none", penalty_warmup=0, gate_penalty="threshold",
+        loc_bias=3.0, mask_ratio=1, mask_score_bias=0.1, mask_score_relu=False, mask_residual=True, pool_norm="T"),
 }
-PENALTY_SCALES = ("none", "task")
+PENALTY_SCALES = ("none", "task", "sample")
 
 
 @dataclass
@@ -289,6 +289,34 @@ def penalty_ramp(config: TrainConfig, epoch: int, step: int, steps: int) -> floa
     return min(1.0, (epoch - 1 + step / max(steps, 1)) / config.penalty_warmup)
 
 
+def sample_scaled_penalty(model: MIM, out, lengths, config: TrainConfig) -> torch.Tensor:
+    """Σ_m of the gate penalty with each sample's steps priced by how much its prediction rests on its
+    representation (``penalty_scale="sample"``): q (B, T) from the logits (the op's own penalty term,
+    SPEC §1) weighted per sample by r_b = |yk_b − bias| / mean_b |yk_b − bias| (detached; mean 1 over
+    the batch), then averaged over the valid steps. Over T, closing a step of sample b moves its
+    prediction yk_b − bias towards 0 by about (yk_b − bias)/n: for a sample with a weak prediction
+    closing is nearly free and an unscaled penalty closes its clean steps; for a strong one the pull of
+    its same-sign impure steps outweighs it."""
+    from .reference import penalty_log_ratio
+
+    terms = []
+    for i, spec in enumerate(model.specs):
+        gate = model.masks[spec.name].mask
+        shift = gate.beta * penalty_log_ratio(gate.penalty, gate.gamma, gate.zeta, gate.threshold)
+        q = torch.sigmoid(out.logits[i].float() + gate.loc_bias - shift)  # (B, T)
+        dev = (out.yk[i].float() - model.heads[spec.name].bias.float()).detach().abs()  # (B,)
+        r = dev / dev.mean().clamp(min=1e-12)
+        L = lengths.get(spec.name) if lengths else None
+        if L is None:
+            terms.append((q.mean(1) * r).mean())
+        else:
+            T = q.shape[1]
+            valid = torch.arange(T, device=q.device)[None, :] < L.to(q.device)[:, None]
+            per = torch.where(valid, q, torch.zeros_like(q)).sum(1)
+            terms.append((per * r).sum() / valid.sum().clamp(min=1))
+    return torch.stack(terms).sum()
+
+
 def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, device: torch.device,
                    penalty_factor: float = 1.0):
     """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B). ``penalty_factor``
@@ -304,7 +332,9 @@ def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, devi
     with named_range("mim/task_loss"):
         task = (out.prediction.float() - y).abs().mean()
         weight = config.penalty_weight * penalty_factor * (task.detach() if config.penalty_scale == "task" else 1.0)
-        loss_a = weight * out.penalty.float().sum() + kgs.masked
+        penalty = sample_scaled_penalty(model, out, lengths, config) if config.penalty_scale == "sample" \
+            else out.penalty.float().sum()
+        loss_a = weight * penalty + kgs.masked
         loss_b = kgs.unmasked + task
         if config.kgs_transfer:
             loss_b = loss_b + kgs.inter + kgs.intra

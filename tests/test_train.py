@@ -188,12 +188,14 @@ MIM_PRESET = dict(
     epochs=100, batch_size=16, lr=1e-5, weight_decay=0.0, d_model=80, heads=5, text_layers=0, av_layers=3,
     fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=True, per_sample=False,
     kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, upn=True, penalty_weight=0.1, penalty_scale="none",
-    gate_penalty="mim", loc_bias=3.0, mask_ratio=5, mask_score_bias="pytorch", pool_norm="T", eval_gate="sample")
+    penalty_warmup=0, gate_penalty="mim", loc_bias=3.0, mask_ratio=5, mask_score_bias="pytorch", mask_score_relu=True,
+    mask_residual=False, pool_norm="T", eval_gate="sample")
 DEMO_PRESET = dict(
     epochs=30, batch_size=32, lr=1e-3, weight_decay=0.0, d_model=40, heads=5, text_layers=0, av_layers=1,
     fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=False, per_sample=True,
-    kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, upn=True, penalty_weight=1.0, penalty_scale="none",
-    gate_penalty="mim", loc_bias=3.0, mask_ratio=1, mask_score_bias=0.1, pool_norm="T", eval_gate="expected")
+    kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, upn=True, penalty_weight=0.3, penalty_scale="none",
+    penalty_warmup=0, gate_penalty="threshold", loc_bias=3.0, mask_ratio=1, mask_score_bias=0.1,
+    mask_score_relu=False, mask_residual=True, pool_norm="T", eval_gate="expected")
 NOT_PRESET = dict(seed=0, amp="none", device="auto", backend="auto", max_len=50, bert_path=None,
                   synthetic=T.DEMO_SYNTHETIC)
 
