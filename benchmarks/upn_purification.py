@@ -151,7 +151,7 @@ def report(runs) -> str:
     by = {}
     for r in runs:
         by.setdefault((r["candidate"], r["epochs"]), []).append(r)
-    lines = ["| candidate | epochs | seeds | test MAE (selected epoch) | text closed impure/clean | audio | vision "
+    lines = ["| candidate | epochs | seeds | test MAE (selected epoch; ± std over seeds, ddof 1) | text closed impure/clean | audio | vision "
              "| target met |", "|---|---:|---|---:|---|---|---|---|"]
     for (name, epochs), rs in by.items():
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -163,7 +163,8 @@ def report(runs) -> str:
             ok &= imp >= 0.8 and cln <= 0.1
             cells.append("%.2f / %.2f" % (imp, cln))
         lines.append("| %s | %d | %s | %.4f ± %.4f | %s | %s |" % (
-            name, epochs, ",".join(str(r["seed"]) for r in rs), mae.mean(), mae.std(), " | ".join(cells),
+            name, epochs, ",".join(str(r["seed"]) for r in rs), mae.mean(),
+            mae.std(ddof=1) if len(mae) > 1 else 0.0, " | ".join(cells),
             "yes" if ok and len(rs) >= 3 else ("(gates)" if ok else "no")))
     return "\n".join(lines)
 
