@@ -32,8 +32,16 @@ def main(argv=None) -> int:
                     help="initial bias of the mask learner's score unit, or 'pytorch' (MIM's default init)")
     tr.add_argument("--pool-norm", choices=["T", "open"],
                     help="purified pooling: mean over T (MIM) or over the open steps")
-    tr.add_argument("--penalty-scale", choices=["none", "task"],
-                    help="task: the penalty weight times the step's detached task L1 (MIM: none)")
+    tr.add_argument("--gate-penalty", choices=["mim", "threshold"],
+                    help="the penalty's q: P(c > 0) (mim) or P(c > tau), the hard gate's open probability (demo)")
+    tr.add_argument("--penalty-scale", choices=["none", "task", "sample"],
+                    help="task: the weight times the step's task L1; sample: each sample's steps priced by "
+                         "|yk - bias| (MIM: none)")
+    tr.add_argument("--penalty-warmup", type=float, help="epochs over which the penalty weight ramps up from 0")
+    tr.add_argument("--mask-score-relu", action=argparse.BooleanOptionalAction,
+                    help="the ReLU that ends the mask learner's score (MIM: yes; demo: no)")
+    tr.add_argument("--mask-residual", action=argparse.BooleanOptionalAction,
+                    help="a skip connection around the mask learner's time MLP (MIM: no; demo: yes)")
     tr.add_argument("--no-upn", dest="upn", action="store_const", const=False,
                     help="no purification networks (an ablation: k_m = u_m)")
     tr.add_argument("--layers", dest="av_layers", type=int, help="audio/vision Transformer layers (MIM: 3)")
@@ -84,7 +92,7 @@ def _train(args) -> int:
     given = {name: getattr(args, name) for name in (
         "preset", "epochs", "batch_size", "lr", "seed", "d_model", "fusion", "optimizer", "eval_gate", "amp", "device",
         "backend", "bert_path", "penalty_weight", "mask_ratio", "mask_score_bias", "pool_norm", "penalty_scale",
-        "upn", "av_layers")}
+        "upn", "av_layers", "gate_penalty", "penalty_warmup", "mask_score_relu", "mask_residual")}
     if args.routing == "off":
         given["kgs_transfer"] = False
     elif args.routing is not None:
