@@ -1,6 +1,7 @@
 """The MIM model, its training step, evaluation, checkpoint/resume and the `mim-fast train` CLI."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -260,3 +261,40 @@ def test_cli_preset_and_flags(monkeypatch):
     assert all(getattr(d, k) == T.PRESETS["demo"][k] for k in upn)
     assert e.overrides() == {"mask_residual": False, "penalty_scale": "sample", "penalty_warmup": 2.0}
     assert cli.main(["train", "--preset", "mim", "--mask-ratio", "0"]) == 2  # a config error, not a traceback
+
+
+def test_penalty_options_of_the_upn_investigation(tmp_path):
+    """penalty_warmup ramps the weight linearly over its epochs; penalty_scale "task" multiplies it by the
+    detached task L1; "sample" prices each sample's steps by |yk - bias| / mean |yk - bias|."""
+    cfg = tiny_config(tmp_path, penalty_warmup=2)
+    assert [T.penalty_ramp(cfg, e, s, 4) for e, s in ((1, 0), (1, 2), (2, 0), (2, 3), (3, 0), (9, 1))] == [
+        0.0, 0.25, 0.5, 0.875, 1.0, 1.0]
+    assert T.penalty_ramp(tiny_config(tmp_path), 1, 0, 4) == 1.0
+    data = T.load_for_training(cfg)
+    torch.manual_seed(0)
+    model = T.build_model(data, cfg)
+    batch = next(T.batches(data.train, 16, shuffle=False, device=torch.device("cpu")))
+    cpu = torch.device("cpu")
+
+    def loss_a(config, factor=1.0):
+        torch.manual_seed(5)  # the same dropout masks every time
+        out, kgs, task, a, _ = T.compute_losses(model, batch, config, 7, cpu, penalty_factor=factor)
+        return out, kgs, task, a
+
+    out, kgs, task, a = loss_a(cfg)
+    pen = out.penalty.sum()
+    torch.testing.assert_close(a, cfg.penalty_weight * pen + kgs.masked)
+    torch.testing.assert_close(loss_a(cfg, 0.25)[3], 0.25 * cfg.penalty_weight * pen + kgs.masked)
+    task_cfg = tiny_config(tmp_path, penalty_scale="task")
+    torch.testing.assert_close(loss_a(task_cfg)[3], cfg.penalty_weight * task * pen + kgs.masked)
+    # "sample", written out: q from the logits (P(c > tau) for the demo's threshold penalty)
+    sample_cfg = tiny_config(tmp_path, penalty_scale="sample")
+    want = 0.0
+    for i, name in enumerate(model.names):
+        g = model.masks[name].mask
+        q = torch.sigmoid(out.logits[i] + g.loc_bias - g.beta * math.log((g.threshold - g.gamma) / (g.zeta - g.threshold)))
+        dev = (out.yk[i] - model.heads[name].bias).abs().detach()
+        want = want + (q.mean(1) * dev / dev.mean()).mean()
+        # with equal weights it is the op's own penalty
+        torch.testing.assert_close(q.mean(), out.penalty[i], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_a(sample_cfg)[3], cfg.penalty_weight * want + kgs.masked, rtol=1e-5, atol=1e-6)
