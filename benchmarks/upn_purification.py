@@ -109,7 +109,7 @@ CANDIDATES = {
     "res_thr_r5_sample_pw05": dict(RESID, penalty_weight=0.5, gate_penalty="threshold", penalty_scale="sample",
                                    mask_ratio=5),
     "res_thr_sample_pw06": dict(RESID, penalty_weight=0.6, gate_penalty="threshold", penalty_scale="sample"),
-    # The demo's gates separate best around epochs 4-7 (text 0.93/0.08, audio 0.85/0.09, vision 0.84/0.06 at
+    # The demo's gates separate best around epochs 4-7 (text 0.90/0.05, audio 0.85/0.09, vision 0.84/0.06 at
     # epoch 7) and the impure audio/vision steps reopen later: a penalty that keeps growing through training
     "res_thr_pw06_wu15": dict(RESID, penalty_weight=0.6, gate_penalty="threshold", penalty_warmup=15),
     "res_thr_pw05_wu10": dict(RESID, penalty_weight=0.5, gate_penalty="threshold", penalty_warmup=10),

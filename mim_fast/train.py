@@ -53,7 +53,7 @@ PRESETS = {
         # the UPN
         upn=True, penalty_weight=0.1, penalty_scale="none", penalty_warmup=0, gate_penalty="mim", loc_bias=3.0,
         mask_ratio=5, mask_score_bias="pytorch", mask_score_relu=True, mask_residual=False, pool_norm="T"),
-    # The fast demo on the synthetic data (~2 min on 2 cores), with a purification network that purifies.
+    # The fast demo on the synthetic data (~1.5 min on one core), with a purification network that purifies.
     "demo": dict(
         epochs=30, batch_size=32, lr=1e-3, weight_decay=0.0, d_model=40, heads=5, text_layers=0, av_layers=1,
         fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=False,
@@ -71,7 +71,7 @@ class TrainConfig:
 
     PRESETS. ``preset="mim"`` is the configuration of the released MIM code (github zengy268/MIM), every
     hyper-parameter as published; ``preset="demo"`` is the fast demo on the synthetic data, whose
-    purification network (UPN) demonstrably purifies there. ``preset=None`` picks "demo" for
+    purification network (UPN) closes most impure steps there and few clean ones (MIM's closes none). ``preset=None`` picks "demo" for
     ``data="synthetic"`` and "mim" for a dataset pickle. Each field that defaults to None takes the
     preset's value (``PRESETS``) unless given explicitly: ``TrainConfig(preset="mim", lr=1e-3)`` is MIM
     with another learning rate. Values are resolved at construction (so ``dataclasses.replace`` keeps
@@ -89,25 +89,34 @@ class TrainConfig:
 
     DEMO vs MIM (measured on the synthetic data; README, "What the demo shows"):
 
-    * speed: 30 epochs (MIM 100), batch 32 (16), lr 1e-3 (1e-5: with a fresh model and no pretrained BERT
-      1e-5 barely moves in 30 epochs), D = 40 (80), 1 audio/vision Transformer layer (3), every train
+    * speed: 30 epochs (MIM 100), batch 32 (16), lr 1e-3 (MIM's 1e-5 fine-tunes a pretrained BERT; the
+      demo trains every weight from scratch in 30 epochs), D = 40 (80), 1 audio/vision Transformer layer (3), every train
       batch (MIM drops the last incomplete one), per-sample KGS routing (the paper's "sample
       variations"; the released code routes by batch means), expected gates in evaluation (the released
       HardConcrete has no eval branch and samples).
-    * ``penalty_weight = 1.0`` (MIM: 0.1). Both gradient sets push every gate open: closing any step shrinks
-      the pooled k_m = (1/T)·Σ_t φ(x_t·z_t), so ∂masked/∂c and ∂(task + KGS)/∂c are negative on average
-      over all steps, impure ones included. At 0.1 the penalty's gradient per logit is ~10× smaller than
-      that common push, the logits drift up (demo data, penalty 0.1: text's a from 3 to ≈5 in 150 steps),
-      the gates saturate open and no step closes. At 1.0 it outweighs the push on impure steps, where the
-      task gradient is weak or says "close", but not on clean ones (2.0 closes clean steps too).
-    * ``mask_ratio = 1`` (MIM: 5). The mask learner maps per-step scores to logits with an MLP across
-      time, T → T/ratio → T. At the demo's T = 20 a ratio of 5 leaves 4 units, too few to close a
-      stretch at an arbitrary position (a supervised probe on the true masks reaches 98% step accuracy in
-      200 steps with ratio 1, ~90% in 300 with ratio 5).
-    * ``mask_score_bias = 0.1`` (MIM: "pytorch", PyTorch's default init). The score unit ends in a ReLU;
-      with the default init its pre-activation is negative for every input in some modalities (text at
-      seed 0), so every score is 0, no gradient ever reaches the LSTM or the score MLP, and the logits
-      cannot depend on the step. A small positive bias starts the unit alive.
+    * the UPN (benchmarks/upn_purification.py and its log: every setting below was measured there, the
+      failures too). With MIM's UPN settings no gate closes on the synthetic data (0.00/0.00 in every
+      modality): pooling divides by T, so closing any step shrinks k_m and every task gradient pushes
+      every gate open, and the 0.1·P(c > 0) penalty is too weak to counter it. The demo changes four
+      things, each its own field:
+      - ``mask_score_relu = False`` and ``mask_residual = True`` (MIM: ReLU score, no skip). With the
+        published mask learner the logits came out one constant per position (the score ReLU dead, or
+        the time MLP's per-position biases dominating): whole positions closed for every sample and then
+        got no gradient. A linear score with a skip connection around the time MLP (g = MLP(s) + s)
+        keeps each step's own score in its logit.
+      - ``gate_penalty = "threshold"``, ``penalty_weight = 0.3`` (MIM: P(c > 0), 0.1). The penalty on
+        P(c > τ), the probability that the hard gate opens, peaks where the gates are decided, not at
+        a = −0.5; 0.2 closes too little, 0.5 closes clean steps too (at 1.0: a third of the clean text
+        steps).
+      - ``mask_ratio = 1`` (MIM: 5): at T = 20 a ratio of 5 leaves 4 units in the time MLP. With the skip
+        connection ratio 5 works too (text closes more impure and more clean steps); kept from the
+        earlier demo.
+      - ``mask_score_bias = 0.1`` (MIM: PyTorch's default init): kept from the earlier demo, whose score
+        ReLU could start dead; the linear score cannot die.
+      Measured limits (README, "What the demo shows"): pooling over T values a clean step by |y| (closing
+      it moves the prediction towards the intercept), so the clean steps of weak-sentiment samples close
+      and the impure steps of strong ones stay open; the pooling over open steps removes that but lets the
+      penalty close whole positions (``pool_norm="open"`` closes impure and clean steps alike).
     * the synthetic data (``DEMO_SYNTHETIC``, used by every preset: it is the data, not a setting):
       impure steps are one contiguous stretch per sample (the generator's docstring's "off-topic
       stretch, like a quote or background speech") that carries a marker (its own signature, as
@@ -115,13 +124,14 @@ class TrainConfig:
       indistinguishable steps. The encoders mix neighbouring steps (Conv1d k=3, and attention for
       audio/vision), so a scattered impure step is mostly clean context after encoding and closing it
       removes signal; without a marker nothing local tells it apart.
-    ``loc_bias`` stays MIM's 3 (gates start open): with 1 the gates swung between mostly closed and open
-    and the test error became unstable.
+    ``loc_bias`` stays MIM's 3 (gates start open).
 
-    Options that are not MIM (ablations and the demo's purification): ``upn=False`` (no purification
-    networks: k_m = u_m), ``kgs_transfer=False`` (no intra/inter knowledge transfer; the L1 terms stay),
-    ``pool_norm="open"`` (the purified mean over the open steps, not over T), ``penalty_scale="task"``
-    (the penalty weight multiplied by the detached task loss of the step).
+    Options that are not MIM and no preset uses (ablations and the investigation): ``upn=False`` (no
+    purification networks: k_m = u_m), ``kgs_transfer=False`` (no intra/inter knowledge transfer; the L1
+    terms stay), ``pool_norm="open"`` (the purified mean over the open steps instead of over T),
+    ``penalty_scale="task"`` (the penalty weight times the step's detached task L1) or ``"sample"`` (each
+    sample's steps priced by its |yk − bias|, :func:`sample_scaled_penalty`), ``penalty_warmup`` (the weight
+    ramps up from 0 over that many epochs).
     """
 
     data: str = "synthetic"          # "synthetic" or the path of a MAG-BERT / MMSA pickle
@@ -147,7 +157,7 @@ class TrainConfig:
     kd_divide_T: Optional[bool] = None
     upn: Optional[bool] = None       # False: no purification networks, k_m = u_m (an ablation)
     penalty_weight: Optional[float] = None  # weight of Σ_m P_m in phase A (MIM: 0.1)
-    penalty_scale: Optional[str] = None  # "none" (MIM) or "task": weight × the step's detached task L1
+    penalty_scale: Optional[str] = None  # "none" (MIM), "task" (× the step's task L1) or "sample" (see above)
     penalty_warmup: Optional[float] = None  # epochs over which the penalty weight ramps up from 0 (MIM: 0)
     gate_penalty: Optional[str] = None  # "mim" (P(c > 0), published) or "threshold" (P(c > τ))
     loc_bias: Optional[float] = None  # the gate's a = g + loc_bias (MIM: 3, i.e. gates start open)
