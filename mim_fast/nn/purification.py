@@ -168,14 +168,16 @@ class PurificationGate(nn.Module):
         with n = Σ_t z_t (T → lengths[b] with lengths; n clamped to ≥ 1: a sample with every gate closed
         pools to 0, as before).
 
-        Not MIM (which divides by T whatever the gate): an option of the demo. Dividing by T makes closing
+        Not MIM (which divides by T whatever the gate), and no preset uses it. Dividing by T makes closing
         any step shrink the representation, so every task gradient pushes every gate open; over the open
         steps, closing a step moves the representation by (φ(x_t) − mean)/n — towards the clean mean when
-        t is an outlier, hardly at all for a typical step. Composed from the op's outputs so the op and its
+        t is an outlier, hardly at all for a typical step. Measured on the synthetic data (README, "What the
+        demo shows"): nothing then holds a clean step open, and the penalty closes whole positions. Composed from the op's outputs so the op and its
         backends keep computing SPEC §1 exactly: pooled·(T/n), where n is counted from
         :meth:`straight_through_gate` (forward value Σ gate, straight-through gradient). The gradient
-        w.r.t. the gate is therefore the straight-through gradient of Σφ/Σz itself: ∂/∂z_t = (φ(x_t) − result)/n
-        (with φ'(x_t)·x_t for φ(x_t) where φ is not the identity), plus the op's own gradient to x.
+        w.r.t. the gate is therefore the straight-through gradient of Σφ/Σz itself,
+        ∂/∂z_t = (∂φ(x_t·z_t)/∂z_t − result)/n (for φ = identity: (x_t − result)/n), and the gradient to x
+        is the op's scaled by T/n.
         """
         z = self.straight_through_gate(logits, gate, noise, lengths)
         T = logits.shape[1]
