@@ -156,8 +156,8 @@ def report(runs) -> str:
     by = {}
     for r in runs:
         by.setdefault((r["candidate"], r["epochs"]), []).append(r)
-    lines = ["| candidate | epochs | seeds | test MAE (selected epoch; ± std over seeds, ddof 1) | text closed impure/clean | audio | vision "
-             "| target met |", "|---|---:|---|---:|---|---|---|---|"]
+    lines = ["| candidate | epochs | seeds | test MAE (selected epoch; ± std over seeds, ddof 1) "
+             "| text closed impure/clean | audio | vision | target met |", "|---|---:|---|---:|---|---|---|---|"]
     for (name, epochs), rs in by.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         mae = np.array([r["best"]["mae"] for r in rs])

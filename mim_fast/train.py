@@ -10,10 +10,10 @@ The step is MIM's, repaired: one forward pass, two gradient sets from the same g
 (``optimizer="joint"``: one Adam over all parameters on the sum). The settings come from a preset
 (``TrainConfig.preset``: "mim", the released code's; "demo", the fast synthetic demo), each overridable.
 Evaluation reports both metric conventions by name (:func:`mim_fast.metrics.regression_metrics`).
-Model selection: the epoch with the lowest dev L1, as published. Every epoch's randomness (shuffling, dropout, gate noise) is a
-function of (seed, epoch) alone, and the gate noise of a sample is keyed by its global index, so a run
-resumed from an epoch checkpoint — even after an interruption mid-epoch — reproduces the uninterrupted
-run exactly.
+Model selection: the epoch with the lowest dev L1, as published. Every epoch's randomness (shuffling,
+dropout, gate noise) is a function of (seed, epoch) alone, and the gate noise of a sample is keyed by its
+global index, so a run resumed from an epoch checkpoint — even after an interruption mid-epoch —
+reproduces the uninterrupted run exactly.
 """
 import dataclasses
 import json
@@ -71,11 +71,12 @@ class TrainConfig:
 
     PRESETS. ``preset="mim"`` is the configuration of the released MIM code (github zengy268/MIM), every
     hyper-parameter as published; ``preset="demo"`` is the fast demo on the synthetic data, whose
-    purification network (UPN) closes most impure steps there and few clean ones (MIM's closes none). ``preset=None`` picks "demo" for
-    ``data="synthetic"`` and "mim" for a dataset pickle. Each field that defaults to None takes the
-    preset's value (``PRESETS``) unless given explicitly: ``TrainConfig(preset="mim", lr=1e-3)`` is MIM
-    with another learning rate. Values are resolved at construction (so ``dataclasses.replace`` keeps
-    them), and config.json records the preset and every resolved value.
+    purification network (UPN) closes most impure steps there and few clean ones (MIM's closes none).
+    ``preset=None`` picks "demo" for ``data="synthetic"`` and "mim" for a dataset pickle. Each field that
+    defaults to None takes the preset's value (``PRESETS``) unless given explicitly:
+    ``TrainConfig(preset="mim", lr=1e-3)`` is MIM with another learning rate. Values are resolved at
+    construction (so ``dataclasses.replace`` keeps them), and config.json records the preset and every
+    resolved value.
 
     Where the released code is silent or broken: its ``global_configs.py`` is a file of NUL bytes (the
     values come from its README), so the pooling activation is unknown — both tanh and ReLU are commented
@@ -90,10 +91,10 @@ class TrainConfig:
     DEMO vs MIM (measured on the synthetic data; README, "What the demo shows"):
 
     * speed: 30 epochs (MIM 100), batch 32 (16), lr 1e-3 (MIM's 1e-5 fine-tunes a pretrained BERT; the
-      demo trains every weight from scratch in 30 epochs), D = 40 (80), 1 audio/vision Transformer layer (3), every train
-      batch (MIM drops the last incomplete one), per-sample KGS routing (the paper's "sample
-      variations"; the released code routes by batch means), expected gates in evaluation (the released
-      HardConcrete has no eval branch and samples).
+      demo trains every weight from scratch in 30 epochs), D = 40 (80), 1 audio/vision Transformer layer
+      (3), every train batch (MIM drops the last incomplete one), per-sample KGS routing (the paper's
+      "sample variations"; the released code routes by batch means), expected gates in evaluation (the
+      released HardConcrete has no eval branch and samples).
     * the UPN (benchmarks/upn_purification.py and its log: every setting below was measured there, the
       failures too). With MIM's UPN settings no gate closes on the synthetic data (0.00/0.00 in every
       modality): pooling divides by T, so closing any step shrinks k_m and every task gradient pushes

@@ -456,7 +456,8 @@ def test_pool_over_open_steps_is_the_mean_over_open_steps_with_its_straight_thro
     for b in range(1, B):
         if n[b] > 0:
             open_ = out.gate[b].bool()
-            torch.testing.assert_close(got[b].detach(), phi(x[open_.nonzero()[:, 0], b]).mean(0), rtol=1e-12, atol=1e-12)
+            want_b = phi(x[open_.nonzero()[:, 0], b]).mean(0)
+            torch.testing.assert_close(got[b].detach(), want_b, rtol=1e-12, atol=1e-12)
     # Steps that all carry the same features: over the open steps the result does not depend on the gates,
     # so no gate gets a gradient; over T, closing any step shrinks the result, so every gate is pushed.
     if activation == "identity" and not with_lengths:

@@ -172,12 +172,13 @@ class PurificationGate(nn.Module):
         any step shrink the representation, so every task gradient pushes every gate open; over the open
         steps, closing a step moves the representation by (φ(x_t) − mean)/n — towards the clean mean when
         t is an outlier, hardly at all for a typical step. Measured on the synthetic data (README, "What the
-        demo shows"): nothing then holds a clean step open, and the penalty closes whole positions. Composed from the op's outputs so the op and its
-        backends keep computing SPEC §1 exactly: pooled·(T/n), where n is counted from
-        :meth:`straight_through_gate` (forward value Σ gate, straight-through gradient). The gradient
-        w.r.t. the gate is therefore the straight-through gradient of Σφ/Σz itself,
-        ∂/∂z_t = (∂φ(x_t·z_t)/∂z_t − result)/n (for φ = identity: (x_t − result)/n), and the gradient to x
-        is the op's scaled by T/n.
+        demo shows"): nothing then holds a clean step open, and the penalty closes whole positions.
+
+        Composed from the op's outputs so the op and its backends keep computing SPEC §1 exactly:
+        pooled·(T/n), where n is counted from :meth:`straight_through_gate` (forward value Σ gate,
+        straight-through gradient). The gradient w.r.t. the gate is therefore the straight-through gradient
+        of Σφ/Σz itself, ∂/∂z_t = (∂φ(x_t·z_t)/∂z_t − result)/n (for φ = identity: (x_t − result)/n), and
+        the gradient to x is the op's scaled by T/n.
         """
         z = self.straight_through_gate(logits, gate, noise, lengths)
         T = logits.shape[1]
@@ -196,9 +197,11 @@ class PurificationGate(nn.Module):
 class MaskLearner(nn.Module):
     """MIM's mask learner (the UPN of one modality, SPEC §3), parameter-compatible with the published one.
 
-    x (T, B, d) → BiLSTM (d → d//2 per direction) → ``pooler3`` over features (Linear → ReLU → Linear → ReLU)
-    → scores (B, T) → ``imp_ratio`` across time (Linear T → T//ratio → ReLU → Linear → T) → gate logits g
-    (B, T) → ``mask`` (a :class:`PurificationGate`) → pooled (B, d) and penalty.
+    x (T, B, d) → BiLSTM (d → d//2 per direction) → ``pooler3`` over features (Linear → ReLU → Linear →
+    ReLU) → scores (B, T) → ``imp_ratio`` across time (Linear T → T//ratio → ReLU → Linear → T) → gate
+    logits g (B, T) → ``mask`` (a :class:`PurificationGate`) → pooled (B, d) and penalty. Two options, off
+    by default (the published model), change the forward but no parameter: ``score_relu=False`` drops the
+    final ReLU of ``pooler3``, ``residual=True`` adds the scores to ``imp_ratio``'s output.
 
     Submodules carry the published attribute names — ``lstm``, ``mask``, ``pooler2``, ``pooler3``,
     ``imp_ratio`` — so the published ``MaskLearner``'s state_dict loads with ``strict=True`` (the published
