@@ -9,7 +9,7 @@ INSTALL := $(VENV)/.install-stamp
 
 .PHONY: demo ops-demo test build info clean
 
-# The main job: train MIM on the synthetic dataset (about two minutes on 2 CPU cores) into runs/demo.
+# The main job: train MIM on the synthetic dataset into runs/demo (time: README, Quickstart).
 demo: build
 	$(PY) -m mim_fast train --out runs/demo --overwrite
 
@@ -18,7 +18,7 @@ ops-demo: build
 	$(PY) -m mim_fast demo
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests   # -rs: why each test was skipped; the random seed is printed at the end
 	$(PY) -m pytest -q benchmarks --benchmark-disable   # every benchmark case once, so none rots
 
 info: build

@@ -10,7 +10,8 @@ Providers (each where it can run):
 Every provider gets the same inputs, the noise as a (B, T) tensor (the published code draws it with
 torch.rand; the fused kernels can also draw it in-kernel from a seed, the `cpu-seeded`/`cuda-seeded`
 rows). Minimal bytes (the figure GB/s is computed from, in extra_info): forward = x read once + pooled
-written; forward+backward = x read twice + ∂L/∂x written once (+ pooled). (B, T)-sized traffic is ignored.
+written; forward+backward = x read twice + ∂L/∂x written once (+ pooled); "fwd+bwd-logits" = the backward
+with x frozen (MIM's mask-learner update: only ∂L/∂logits), x read twice. (B, T)-sized traffic is ignored.
 
 Run:   python -m pytest benchmarks/bench_purify_gate.py --benchmark-json=out.json
 Smoke: python -m pytest benchmarks/bench_purify_gate.py --benchmark-disable   (what CI does)
@@ -72,14 +73,14 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def minimal_bytes(T, B, D, dtype, backward):
-    return bench.minimal_bytes("purify_gate", "fwd+bwd" if backward else "fwd", {"T": T, "B": B, "D": D}, dtype)
+def minimal_bytes(T, B, D, dtype, pass_):
+    return bench.minimal_bytes("purify_gate", pass_, {"T": T, "B": B, "D": D}, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-B%d-D%d" % s)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd", "fwd+bwd-logits"])
 def test_purify_gate(benchmark, pass_, provider, shape, dtype):
     T, B, D = shape
     if T * B * D > BIG and not CUDA and os.environ.get("MIM_FAST_BENCH_ALL") != "1":
@@ -90,9 +91,9 @@ def test_purify_gate(benchmark, pass_, provider, shape, dtype):
     logits = (torch.randn(B, T, generator=gen) - 3.0).to(DEVICE)  # a = g + 3 around 0: a mix of open/closed
     noise = torch.rand(B, T, generator=gen).clamp(1e-6, 1 - 1e-6).to(DEVICE)
     G = torch.randn(B, D, generator=gen).to(DEVICE, dtype)
-    backward = pass_ == "fwd+bwd"
+    backward = pass_ != "fwd"
     if backward:
-        x.requires_grad_()
+        x.requires_grad_(pass_ == "fwd+bwd")
         logits.requires_grad_()
 
     def step():
@@ -109,7 +110,7 @@ def test_purify_gate(benchmark, pass_, provider, shape, dtype):
     step()  # warm-up (and torch.compile's compilation)
     benchmark.group = "purify_gate %s T=%d B=%d D=%d %s" % (pass_, T, B, D, str(dtype).replace("torch.", ""))
     benchmark.extra_info.update(T=T, B=B, D=D, dtype=str(dtype), provider=provider, device=DEVICE,
-                                bytes=minimal_bytes(T, B, D, dtype, backward))
+                                bytes=minimal_bytes(T, B, D, dtype, pass_))
     benchmark.pedantic(step, rounds=5 if T * B * D > 20_000_000 else 15, warmup_rounds=1)
     if benchmark.stats is not None:
         benchmark.extra_info["GB/s"] = benchmark.extra_info["bytes"] / benchmark.stats.stats.median / 1e9

@@ -20,10 +20,12 @@ TORCH_LIBRARY(mim_fast, m) {
       "purify_gate_forward(Tensor x, Tensor logits, Tensor? noise, Tensor? lengths, int seed, int offset, "
       "str mode, str activation, float loc_bias, float beta, float zeta_gamma, float gamma, float threshold, "
       "float pen_shift) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Returns (grad_x, grad_logits).
+  // Returns (grad_x, grad_logits); grad_x is a (0,) tensor, and never written, when needs_grad_x is false
+  // (MIM's mask-learner update asks for the logits' gradient only: skipping ∂L/∂x saves a third of the
+  // backward's bytes).
   m.def(
       "purify_gate_backward(Tensor grad_pooled, Tensor grad_penalty, Tensor x, Tensor gate, Tensor ste, "
-      "Tensor dq, Tensor inv_count, Tensor? lengths, str activation) -> (Tensor, Tensor)");
+      "Tensor dq, Tensor inv_count, Tensor? lengths, str activation, bool needs_grad_x=True) -> (Tensor, Tensor)");
   // Test access to the shared float32 math (exp, log, sigmoid, tanh) of kernels/mim_math.h.
   m.def("_math32(Tensor x, str fn) -> Tensor");
   // The fused KGS loss (SPEC §2); yk, yu (M, B), y (B,), h (M, B, D), any strides. weights = (w_intra,

@@ -136,7 +136,7 @@ struct FeaturePass {
   scalar_t* pooled;         // (B, D)
   // backward
   const scalar_t* G;        // (B, D) ∂L/∂pooled
-  scalar_t* gx;             // ∂L/∂x, strides gT, gB, gD
+  scalar_t* gx;             // ∂L/∂x, strides gT, gB, gD; null: not wanted (only Σ_d ∂L/∂y·x is computed)
   int64_t gT, gB, gD;
   acc_t* dc_part;           // (ndblk, B, T)
 };
@@ -187,10 +187,13 @@ constexpr int kLanes = 16;
 template <int ACT, typename scalar_t, typename acc_t>
 MIM_ALWAYS_INLINE acc_t backward_step(const FeaturePass<scalar_t, acc_t>& p, int64_t t, int64_t b, int64_t d0,
                                       int64_t n, const acc_t* __restrict__ g) {
-  scalar_t* __restrict__ gr = p.gx + t * p.gT + b * p.gB + d0 * p.gD;
+  // write: ∂L/∂x wanted. A loop-invariant test: the compiler unswitches the loops below on it.
+  const bool write = p.gx != nullptr;
+  scalar_t* __restrict__ gr = write ? p.gx + t * p.gT + b * p.gB + d0 * p.gD : nullptr;
   const int64_t gD = p.gD, sD = p.sD;
   if (p.lens && t >= p.lens[b]) {  // padding: never read, zero gradient
-    for (int64_t d = 0; d < n; ++d) gr[d * gD] = scalar_t(0);
+    if (write)
+      for (int64_t d = 0; d < n; ++d) gr[d * gD] = scalar_t(0);
     return acc_t(0);
   }
   const acc_t ht = p.h[b * p.T + t];
@@ -199,21 +202,21 @@ MIM_ALWAYS_INLINE acc_t backward_step(const FeaturePass<scalar_t, acc_t>& p, int
   int64_t d = 0;
   // φ'(x·h); at a closed gate φ'(x·0) needs no transcendental (the same value bit for bit).
   const bool closed = ht == acc_t(0);
-  if (sD == 1 && gD == 1 && closed) {
+  if (sD == 1 && (gD == 1 || !write) && closed) {
     for (; d + kLanes <= n; d += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
         const acc_t xv = static_cast<acc_t>(xr[d + l]);
         const acc_t gy = g[d + l] * math::activation_grad_closed<acc_t>(xv, ACT);
-        gr[d + l] = static_cast<scalar_t>(gy * ht);
+        if (write) gr[d + l] = static_cast<scalar_t>(gy * ht);
         lanes[l] += gy * xv;
       }
     }
-  } else if (sD == 1 && gD == 1) {
+  } else if (sD == 1 && (gD == 1 || !write)) {
     for (; d + kLanes <= n; d += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
         const acc_t xv = static_cast<acc_t>(xr[d + l]);
         const acc_t gy = g[d + l] * math::activation_grad<acc_t>(xv * ht, ACT);
-        gr[d + l] = static_cast<scalar_t>(gy * ht);
+        if (write) gr[d + l] = static_cast<scalar_t>(gy * ht);
         lanes[l] += gy * xv;
       }
     }
@@ -222,7 +225,7 @@ MIM_ALWAYS_INLINE acc_t backward_step(const FeaturePass<scalar_t, acc_t>& p, int
     const acc_t xv = static_cast<acc_t>(xr[d * sD]);
     const acc_t dphi = closed ? math::activation_grad_closed<acc_t>(xv, ACT) : math::activation_grad<acc_t>(xv * ht, ACT);
     const acc_t gy = g[d] * dphi;
-    gr[d * gD] = static_cast<scalar_t>(gy * ht);
+    if (write) gr[d * gD] = static_cast<scalar_t>(gy * ht);
     lanes[d % kLanes] += gy * xv;
   }
   acc_t dc = acc_t(0);
@@ -392,8 +395,10 @@ void backward_cpu(const at::Tensor& grad_pooled, acc_t grad_penalty, const at::T
   p.h = gate.data_ptr<acc_t>();
   p.lens = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   p.G = grad_pooled.data_ptr<scalar_t>();
-  p.gx = grad_x.data_ptr<scalar_t>();
-  p.gT = grad_x.stride(0); p.gB = grad_x.stride(1); p.gD = grad_x.stride(2);
+  if (grad_x.numel() > 0) {
+    p.gx = grad_x.data_ptr<scalar_t>();
+    p.gT = grad_x.stride(0); p.gB = grad_x.stride(1); p.gD = grad_x.stride(2);
+  }
   p.dc_part = dc_part.data();
   const Isa isa = cpu_isa();
   dispatch_activation(act, [&](auto act_c) {
@@ -414,7 +419,7 @@ void backward_cpu(const at::Tensor& grad_pooled, acc_t grad_penalty, const at::T
     for (int64_t bt = begin; bt < end; ++bt) {
       acc_t dc = acc_t(0);
       for (int64_t k = 0; k < ndblk; ++k) dc += dc_part[k * B * T + bt];  // fixed order
-      out[bt] = ste_p[bt] * dc + wpen * dq_p[bt];
+      out[bt] = math::ste_times(ste_p[bt], dc) + wpen * dq_p[bt];
     }
   });
 }
@@ -501,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
                                                         const at::Tensor& ste, const at::Tensor& dq,
                                                         const at::Tensor& inv_count,
                                                         const c10::optional<at::Tensor>& lengths,
-                                                        c10::string_view activation) {
+                                                        c10::string_view activation, bool needs_grad_x) {
   const int act = parse_activation(activation);
   TORCH_CHECK(x.dim() == 3 && x.numel() > 0, "mim_fast::purify_gate_backward: x must be a non-empty (T, B, D)");
   const int64_t T = x.size(0), B = x.size(1), D = x.size(2);
@@ -518,7 +523,8 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
   const at::Tensor h = gate.to(acc).contiguous();
   const at::Tensor lens =
       lengths.has_value() ? lengths->to(x.device(), at::kLong).clamp(0, T).contiguous() : at::Tensor();
-  at::Tensor grad_x = empty_large_like(x);  // keeps x's layout when x is dense (e.g. a batch-first view)
+  // keeps x's layout when x is dense (e.g. a batch-first view); (0,) and never written when not wanted
+  at::Tensor grad_x = needs_grad_x ? empty_large_like(x) : at::empty({0}, x.options());
   at::Tensor grad_logits = at::empty({B, T}, ste.options());
 
   if (x.is_cpu()) {
@@ -550,8 +556,10 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
     a.inv_count = inv_count.data_ptr<float>();
     a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
     a.activation = act;
-    a.grad_x = grad_x.data_ptr();
-    a.gT = grad_x.stride(0); a.gB = grad_x.stride(1); a.gD = grad_x.stride(2);
+    if (needs_grad_x) {
+      a.grad_x = grad_x.data_ptr();
+      a.gT = grad_x.stride(0); a.gB = grad_x.stride(1); a.gD = grad_x.stride(2);
+    }
     a.dc_part = dc_part.data_ptr<float>();
     a.grad_logits = grad_logits.data_ptr<float>();
     const cudaError_t err = cuda::purify_gate_backward(a, at::cuda::getCurrentCUDAStream().stream());

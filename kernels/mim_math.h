@@ -222,10 +222,21 @@ struct GateParams {
 
 template <typename T>
 struct GateStep {
-  T h;    // forward gate value, exactly 0 or 1
-  T ste;  // ∂c/∂g (straight-through: ∂z/∂c = 1): (ζ−γ)·1[0 ≤ s̄ ≤ 1]·s(1−s) (/β when sampling)
+  T h;    // forward gate value z: exactly 0 or 1, NaN where c is NaN (a NaN logit or noise: SPEC's
+          // z = c + sg(h − c) is then NaN, and so is every feature it multiplies)
+  T ste;  // ∂c/∂g (straight-through: ∂z/∂c = 1): (ζ−γ)·s(1−s) (/β when sampling) where 0 ≤ s̄ ≤ 1;
+          // −0.0 where the clamp is active (see ste_times), NaN where s is NaN
   T q;    // the penalty's per-step probability
 };
+
+// ∂L/∂g through the straight-through path, ste·∂L/∂c, where the clamp's indicator selects rather than
+// multiplies (as torch.clamp's autograd does): a clamped step passes no gradient even when ∂L/∂c is NaN
+// or inf (a NaN feature at a closed step), while a NaN gate (ste NaN) still gives NaN. The clamped steps
+// are the ones whose ste is −0.0 exactly: (ζ−γ)·s(1−s) is never negative.
+template <typename T>
+MIM_HD T ste_times(T ste, T dc) {
+  return (ste == T(0) && signbit(ste)) ? T(0) : ste * dc;
+}
 
 // g: the logit; u: the uniform noise (ignored in mode "expected").
 template <typename T>
@@ -240,12 +251,12 @@ MIM_HD GateStep<T> gate_step(T g, T u, const GateParams<T>& p) {
     s = sigmoid_<T>(a);
   }
   const T sbar = p.zeta_gamma * s + p.gamma;
-  const T c = sbar < T(0) ? T(0) : (sbar > T(1) ? T(1) : sbar);
+  const T c = sbar < T(0) ? T(0) : (sbar > T(1) ? T(1) : sbar);  // NaN stays NaN
   GateStep<T> out;
-  out.h = c > p.threshold ? T(1) : T(0);
+  out.h = c != c ? c : (c > p.threshold ? T(1) : T(0));
   T ds = s * (T(1) - s);
   ds = p.mode == kSample ? ds / p.beta : ds;
-  out.ste = (sbar >= T(0) && sbar <= T(1)) ? p.zeta_gamma * ds : T(0);
+  out.ste = (sbar >= T(0) && sbar <= T(1)) ? p.zeta_gamma * ds : (ds != ds ? ds : -T(0));
   out.q = sigmoid_<T>(a - p.pen_shift);
   return out;
 }

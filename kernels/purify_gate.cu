@@ -299,7 +299,8 @@ cudaError_t dispatch_forward(const GateForwardArgs& a, float* scratch, cudaStrea
 // ---------------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------------
-template <typename T, int ACT, bool kAligned>
+// kWriteGx false: ∂L/∂x is not wanted, only the Σ_d reduction for ∂L/∂g (a third fewer bytes).
+template <typename T, int ACT, bool kAligned, bool kWriteGx>
 __global__ void __launch_bounds__(kMaxThreads) backward_kernel(GateBackwardArgs a, int64_t nblk, int64_t ntile) {
   constexpr int V = vec_of<T>();
   __shared__ float h_tile[kTile];
@@ -312,8 +313,13 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(GateBackwardArgs 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
   const int64_t len = a.lengths ? a.lengths[b] : a.T;
   const T* __restrict__ xb = static_cast<const T*>(a.x) + b * a.sB;
-  T* __restrict__ gxb = static_cast<T*>(a.grad_x) + b * a.gB;  // grad_x is a fresh tensor: no aliasing
+  T* __restrict__ gxb = kWriteGx ? static_cast<T*>(a.grad_x) + b * a.gB : nullptr;  // fresh tensor: no aliasing
   const bool active = d0 < a.D;
+  // Time steps with loads in flight: half as many for 16-bit features read through scalar loads
+  // (unaligned rows) when ∂L/∂x is not written. Without the stores ptxas hoists every load with its
+  // 64-bit address and spilled at its 128-register budget (two 256-thread blocks per SM); ptxas -v in CI
+  // (benchmarks/ptxas_report.py) fails on any spill.
+  constexpr int U = (kWriteGx || kAligned || sizeof(T) == 4) ? kUnroll : kUnroll / 2;
   // dy = (G / T)·φ'(y): the division first, as autograd of sum(...) / T computes it.
   const float denom = static_cast<float>(len > 0 ? len : 1);
   float gs[V];
@@ -327,10 +333,10 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(GateBackwardArgs 
   for (int i = threadIdx.x; i < tn; i += blockDim.x) h_tile[i] = a.gate[b * a.T + t0 + i];
   __syncthreads();
 
-  for (int i0 = 0; i0 < tn; i0 += kUnroll) {
-    float xv[kUnroll][V];
+  for (int i0 = 0; i0 < tn; i0 += U) {
+    float xv[U][V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // issue every load before using any
+    for (int u = 0; u < U; ++u) {  // issue every load before using any
       const int64_t t = t0 + i0 + u;
       if (active && i0 + u < tn && t < len) {
         load_vec<T, kAligned>(xb + t * a.sT, a.sD, d0, a.D, xv[u]);
@@ -340,7 +346,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(GateBackwardArgs 
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (i0 + u >= tn) break;  // uniform over the block
       const int64_t t = t0 + i0 + u;
       const float h = h_tile[i0 + u];
@@ -365,7 +371,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(GateBackwardArgs 
             part += gy * xv[u][v];
           }
         }
-        store_vec<T, kAligned>(gxb + t * a.gT, a.gD, d0, a.D, gx);
+        if (kWriteGx) store_vec<T, kAligned>(gxb + t * a.gT, a.gD, d0, a.D, gx);
       }
       part = warp_sum(part);
       if (lane == 0) red[warp][i0 + u] = part;
@@ -387,7 +393,7 @@ __global__ void combine_kernel(const float* dc_part, int64_t nblk, int64_t BT, c
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     float dc = 0.0f;
     for (int64_t k = 0; k < nblk; ++k) dc += dc_part[k * BT + i];
-    grad_logits[i] = ste[i] * dc + wpen * dq[i];
+    grad_logits[i] = math::ste_times(ste[i], dc) + wpen * dq[i];
   }
 }
 
@@ -396,15 +402,20 @@ cudaError_t launch_backward(const GateBackwardArgs& a, cudaStream_t stream) {
   const int64_t nblk = dblocks_for<T>(a.D);
   const int64_t ntile = (a.T + kTile - 1) / kTile;
   if (a.B * nblk * ntile > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const bool write_gx = a.grad_x != nullptr;
   const bool aligned = rows_aligned<T>(a.x, a.D, a.sD, a.T, a.sT, a.B, a.sB) &&
-                       rows_aligned<T>(a.grad_x, a.D, a.gD, a.T, a.gT, a.B, a.gB) &&
+                       (!write_gx || rows_aligned<T>(a.grad_x, a.D, a.gD, a.T, a.gT, a.B, a.gB)) &&
                        reinterpret_cast<uintptr_t>(a.grad_pooled) % 16 == 0 && (a.B == 1 || a.D % vec_of<T>() == 0);
   const dim3 grid(static_cast<unsigned>(a.B * nblk * ntile));
   const int threads = threads_for<T>(a.D);
-  if (aligned) {
-    backward_kernel<T, ACT, true><<<grid, threads, 0, stream>>>(a, nblk, ntile);
+  if (aligned && write_gx) {
+    backward_kernel<T, ACT, true, true><<<grid, threads, 0, stream>>>(a, nblk, ntile);
+  } else if (write_gx) {
+    backward_kernel<T, ACT, false, true><<<grid, threads, 0, stream>>>(a, nblk, ntile);
+  } else if (aligned) {
+    backward_kernel<T, ACT, true, false><<<grid, threads, 0, stream>>>(a, nblk, ntile);
   } else {
-    backward_kernel<T, ACT, false><<<grid, threads, 0, stream>>>(a, nblk, ntile);
+    backward_kernel<T, ACT, false, false><<<grid, threads, 0, stream>>>(a, nblk, ntile);
   }
   const int64_t BT = a.B * a.T;
   const int64_t cblocks = (BT + 255) / 256;

@@ -57,7 +57,7 @@ struct GateBackwardArgs {
   const int64_t* lengths;    // (B,) or null
   int activation;
   // outputs
-  void* grad_x;  // written at grad_x + t·gT + b·gB + d·gD
+  void* grad_x;  // written at grad_x + t·gT + b·gB + d·gD; null: ∂L/∂x not wanted (not computed)
   int64_t gT, gB, gD;
   float* dc_part;      // (n_dblocks, B, T) scratch: partial Σ_d over each feature block
   float* grad_logits;  // (B, T)
@@ -68,7 +68,7 @@ int64_t purify_gate_backward_dblocks(FeatureType x_type, int64_t D);
 
 // Two launches: the fused pass (reads x once, writes ∂L/∂x once, reduces ∂L/∂c over each feature
 // block; one block per 64 time steps), then the combine ∂L/∂g = ste·Σ dc_part + ∂L/∂P·dq/n.
-// Bytes: 2·T·B·D·sizeof(x) + O(B·D + B·T).
+// Bytes: 2·T·B·D·sizeof(x) + O(B·D + B·T); T·B·D·sizeof(x) + O(B·D + B·T) when grad_x is null.
 cudaError_t purify_gate_backward(const GateBackwardArgs& args, cudaStream_t stream);
 
 }  // namespace cuda

@@ -9,7 +9,8 @@ class PurifyGateOutput(NamedTuple):
 
     pooled:  (B, D), dtype of x. Gated mean pooling (1/T)·Σ_t φ(x[t]·z[t]) (1/lengths[b] with lengths).
     penalty: scalar, dtype of logits. Mean expected-L0 penalty over the (valid) steps.
-    gate:    (B, T), dtype of logits, values exactly 0 or 1: the forward value of the gate (no gradient).
+    gate:    (B, T), dtype of logits, values exactly 0 or 1 (NaN where the logit or noise is NaN): the
+             forward value of the gate (no gradient).
     """
 
     pooled: torch.Tensor

@@ -12,6 +12,8 @@ Cases (the minimal bytes each moves are in the kernels' docstrings and in :func:
 
   purify_gate fwd        SPEC §1 forward: x (T, B, D) read once, pooled (B, D) written
   purify_gate fwd+bwd    forward + backward of pooled and penalty: x read twice, ∂L/∂x written once
+  purify_gate fwd+bwd-logits   the same with x frozen (MIM's mask-learner update needs ∂L/∂logits only):
+                         x read twice, no ∂L/∂x (--gate-passes; not in the default sweeps)
   kgs_loss fwd+bwd       SPEC §2, M = 3: h (M, B, D) read once, ∂L/∂h written once
   train_step             MIM's whole training step (SPEC §3) at the paper's D = 80, T = 50; "eager" is the
                          model with the reference ops (backend "torch"), the fused rows use that backend;
@@ -32,13 +34,15 @@ its row and the run goes on; the command then exits with status 1.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
-import subprocess
+import re
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -48,6 +52,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 OPS = ("gate", "kgs", "train")
+GATE_PASSES = ("fwd", "fwd+bwd", "fwd+bwd-logits")
 KGS_M = 3
 
 # Shape sweeps, per (device type, quick). Gate: (T, B, D); KGS: (B, D) with M = 3; train step: B.
@@ -84,6 +89,8 @@ class Row:
     peak_mem_bytes: Optional[int] = None
     vs_eager: Optional[float] = None
     vs_compile: Optional[float] = None
+    load1: Optional[float] = None     # the machine's 1-minute load average while the case was timed (max)
+    untrusted: Optional[str] = None   # why the figure is not trustworthy (wide spread, busy machine), or None
     skipped: Optional[str] = None
     error: Optional[str] = None
     traceback: Optional[str] = None  # of the error, in the JSON only
@@ -95,18 +102,39 @@ class Row:
         return "%s %s %s %s" % (self.op, self.pass_, dims, self.dtype)
 
 
+# A figure is flagged as not trustworthy when its p20-p80 spread exceeds this share of its median (quiet
+# runs of the CPU VM: 1-20% for the sub-millisecond cases, 1-5% for the large ones)...
+SPREAD_LIMIT = 0.30
+
+
+def untrusted_reason(row: "Row", cores: int) -> Optional[str]:
+    """Why a measured row's median should not be quoted, or None: a p20-p80 spread over SPREAD_LIMIT of the
+    median, or — on a CPU — a load average above the core count while it was timed (more runnable threads
+    than cores: the times include waiting for a core; a busy 2-core VM timed the 0.52 ms gate at 52 ms)."""
+    reasons = []
+    if row.median_ms and row.p20_ms is not None and row.p80_ms is not None:
+        spread = (row.p80_ms - row.p20_ms) / row.median_ms
+        if spread > SPREAD_LIMIT:
+            reasons.append("p20-p80 spread %.0f%% of the median" % (100 * spread))
+    if row.device == "cpu" and row.load1 is not None and row.load1 > cores:
+        reasons.append("load %.1f on %d cores" % (row.load1, cores))
+    return "; ".join(reasons) or None
+
+
 # ---------------------------------------------------------------------------------------------------- bytes
 
 def minimal_bytes(op: str, pass_: str, shape: Dict[str, int], dtype: torch.dtype) -> Optional[int]:
     """The least traffic a kernel can get away with (what GB/s and % of bandwidth are computed from).
 
-    Gate forward: x read once + pooled written; forward+backward: x read twice + ∂L/∂x written once (+ pooled).
+    Gate forward: x read once + pooled written; forward+backward: x read twice + ∂L/∂x written once (+ pooled);
+    "fwd+bwd-logits" (x frozen, only ∂L/∂logits wanted): x read twice (+ pooled).
     KGS: h read once + ∂L/∂h written once. (B, T)- and (M, B)-sized traffic is ignored. None for the step.
     """
     e = torch.finfo(dtype).bits // 8
     if op == "purify_gate":
         T, B, D = shape["T"], shape["B"], shape["D"]
-        return T * B * D * e * (3 if pass_ == "fwd+bwd" else 1) + B * D * e
+        passes = {"fwd": 1, "fwd+bwd": 3, "fwd+bwd-logits": 2}[pass_]
+        return T * B * D * e * passes + B * D * e
     if op == "kgs_loss":
         return 2 * shape["M"] * shape["B"] * shape["D"] * e
     return None
@@ -180,7 +208,7 @@ def peak_memory(fn: Callable[[], None], device: str) -> Optional[int]:
     from torch.profiler import ProfilerActivity, profile
 
     # CPU activity suffices: the CUDA caching allocator's events are recorded on the host side too
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_filtered(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events: List[Tuple[int, int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -202,6 +230,34 @@ def peak_memory(fn: Callable[[], None], device: str) -> Optional[int]:
         elif ptr in live:
             cur -= live.pop(ptr)
     return peak
+
+
+# Lines the profiler's native code writes straight to file descriptor 2: libkineto on every profiler start and
+# stop, whatever KINETO_LOG_LEVEL says, and once per run on a machine without a GPU driver; c10 when a buffer
+# from before the profiled call is freed in it (peak_memory ignores such frees on purpose, see there).
+_PROFILER_NOISE = re.compile(r"^(USDT|STAGE):\S+ \S+ \S+ \S+\.cpp:\d+\]|.*gpuGetDeviceCount failed with code|"
+                             r".*Memory block of unknown size was allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def native_stderr_filtered():
+    """Capture what C++ code writes to stderr (fd 2) meanwhile and pass on every line but the profiler's
+    runtime chatter (``USDT: ... profiler_start`` etc.), which would land between the rows of the table."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode("utf-8", "replace").splitlines() if not _PROFILER_NOISE.match(ln)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------------------------------- cases
@@ -241,7 +297,7 @@ def _provider_fn(op: str, provider: str) -> Callable:
     return lambda *a: mim_fast.kgs_loss(*a, backend=provider)
 
 
-def _gate_step(provider: str, shape, dtype, device, backward: bool) -> Callable[[], None]:
+def _gate_step(provider: str, shape, dtype, device, pass_: str) -> Callable[[], None]:
     T, B, D = shape
     gen = torch.Generator().manual_seed(T * 7919 + B * 31 + D)
     x = torch.randn(T, B, D, generator=gen).to(device, dtype)
@@ -250,12 +306,12 @@ def _gate_step(provider: str, shape, dtype, device, backward: bool) -> Callable[
     G = torch.randn(B, D, generator=gen).to(device, dtype)
     one = torch.ones((), device=device)
     fn = _provider_fn("purify_gate", provider)
-    if not backward:
+    if pass_ == "fwd":
         def step():
             with torch.no_grad():
                 fn(x, logits, noise)
         return step
-    x.requires_grad_()
+    x.requires_grad_(pass_ == "fwd+bwd")  # "fwd+bwd-logits": x frozen, ∂L/∂logits only
     logits.requires_grad_()
 
     def step():
@@ -326,7 +382,7 @@ def _cases(sweep: dict, ops: Sequence[str], dtypes: Sequence[str]):
     for dname in dtypes:
         dtype = DTYPES[dname]
         if "gate" in ops:
-            for pass_ in ("fwd", "fwd+bwd"):
+            for pass_ in sweep.get("gate_passes", GATE_PASSES[:2]):
                 for T, B, D in sweep["gate"]:
                     yield "purify_gate", pass_, {"T": T, "B": B, "D": D}, dname, dtype, T * B * D
         if "kgs" in ops:
@@ -341,7 +397,7 @@ def _cases(sweep: dict, ops: Sequence[str], dtypes: Sequence[str]):
 
 def _make_step(op, pass_, shape, dtype, provider, device):
     if op == "purify_gate":
-        return _gate_step(provider, (shape["T"], shape["B"], shape["D"]), dtype, device, pass_ == "fwd+bwd")
+        return _gate_step(provider, (shape["T"], shape["B"], shape["D"]), dtype, device, pass_)
     if op == "kgs_loss":
         return _kgs_step(provider, (shape["B"], shape["D"]), dtype, device)
     return train_step_fn(provider, shape["B"], dtype, torch.device(device))
@@ -395,6 +451,7 @@ def run_group(op, pass_, shape, dname, dtype, size, providers: Sequence[str], de
         except Exception:  # noqa: BLE001 — recorded in the row, reported, and the exit status
             _record_error(row)
     timed = []
+    load_before = os.getloadavg()[0]
     if device == "cuda":
         for row, step, synced in live:
             try:
@@ -423,8 +480,10 @@ def run_group(op, pass_, shape, dname, dtype, size, providers: Sequence[str], de
                     except Exception:  # noqa: BLE001
                         _record_error(row)
                 live = survivors
+    load = max(load_before, os.getloadavg()[0])
     for row, synced, (med, p20, p80) in timed:
         row.median_ms, row.p20_ms, row.p80_ms = med * 1e3, p20 * 1e3, p80 * 1e3
+        row.load1 = round(load, 2)
         try:
             row.peak_mem_bytes = peak_memory(synced, device)
         except Exception:  # noqa: BLE001
@@ -451,27 +510,15 @@ def _ratios(rows: List[Row]) -> None:
 
 
 def _git_commit() -> Optional[str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    from .runs import git_commit
+
+    return git_commit()
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    from .runs import cpu_name
+
+    return cpu_name()
 
 
 def machine_info(device: str) -> dict:
@@ -501,8 +548,8 @@ def markdown(rows: List[Row], meta: dict, copy: dict) -> str:
         meta["gpu"] or meta["cpu"], "%d threads" % meta["torch_threads"], meta["torch"], meta["triton"],
         meta["cuda"], (meta["commit"] or "?")[:12], meta["time"]),
         "copy bandwidth (%s): %.1f GB/s" % (copy["device"], copy["copy_GBps"]), "",
-        "| case | provider | median ms | p20–p80 ms | vs eager | vs compile | GB/s | % copy BW | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "| case | provider | median ms | p20–p80 ms | vs eager | vs compile | GB/s | % copy BW | peak MiB | trust |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     errors, skipped = [], {}
     for r in rows:
         if r.error:
@@ -511,15 +558,48 @@ def markdown(rows: List[Row], meta: dict, copy: dict) -> str:
         if r.skipped:
             skipped.setdefault((r.provider, r.skipped), []).append(r.case)
             continue
-        lines.append("| %s | %s | %s | %s–%s | %s | %s | %s | %s | %s |" % (
+        lines.append("| %s | %s | %s | %s–%s | %s | %s | %s | %s | %s | %s |" % (
             r.case, r.provider, _fmt(r.median_ms), _fmt(r.p20_ms), _fmt(r.p80_ms),
             _fmt(r.vs_eager, "%.2f×"), _fmt(r.vs_compile, "%.2f×"), _fmt(r.gbps, "%.1f"),
-            _fmt(r.pct_copy_bw, "%.0f%%"), _fmt(None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20, "%.1f")))
+            _fmt(r.pct_copy_bw, "%.0f%%"), _fmt(None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20, "%.1f"),
+            "ok" if r.untrusted is None else "⚠ " + r.untrusted))
+    warning = trust_warning(rows)
+    if warning:
+        lines += ["", warning]
     if errors or skipped:
         lines += ["", "Not measured:"] + errors + [
             "- %s (%d case%s): %s" % (prov, len(cases), "" if len(cases) == 1 else "s", reason)
             for (prov, reason), cases in skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def trust_warning(rows: List[Row]) -> Optional[str]:
+    """One paragraph when some measured rows are not trustworthy (see :func:`untrusted_reason`), else None."""
+    measured = [r for r in rows if r.median_ms is not None]
+    bad = [r for r in measured if r.untrusted]
+    if not bad:
+        return None
+    why = []
+    spread = sum("spread" in r.untrusted for r in bad)
+    busy = sum("load" in r.untrusted for r in bad)
+    if spread:
+        why.append("%d with a p20-p80 spread over %d%% of the median" % (spread, round(100 * SPREAD_LIMIT)))
+    if busy:
+        why.append("%d timed while the load average exceeded the core count" % busy)
+    return ("WARNING: %d of %d figures are not trustworthy (⚠ in the trust column): %s. Rerun on an idle machine "
+            "before quoting them." % (len(bad), len(measured), ", ".join(why)))
+
+
+# Fixed colours and markers per provider: the same provider looks the same in every panel and plot.
+PROVIDER_STYLE = {"eager": ("tab:blue", "o"), "compile": ("tab:orange", "s"), "compile-max-autotune": ("tab:brown", "D"),
+                  "cpu": ("tab:green", "^"), "triton": ("tab:purple", "v"), "cuda": ("tab:red", "P")}
+
+
+def _si(n: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return ("%.3g" % (n / div)) + suffix
+    return "%g" % n
 
 
 def plots(rows: List[Row], out_dir: str) -> List[str]:
@@ -528,6 +608,8 @@ def plots(rows: List[Row], out_dir: str) -> List[str]:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import NullLocator
     except ImportError:
         return []
     written = []
@@ -535,7 +617,7 @@ def plots(rows: List[Row], out_dir: str) -> List[str]:
     for r in rows:
         if r.median_ms is not None:
             panels.setdefault("%s %s %s" % (r.op, r.pass_, r.dtype), {}).setdefault(r.provider, []).append(r)
-    for name, key, ylabel in (("time.png", "median_ms", "median time (ms)"),
+    for name, key, ylabel in (("time.png", "median_ms", "median time per call (ms)"),
                               ("roofline.png", "pct_copy_bw", "% of measured copy bandwidth")):
         items = [(p, provs) for p, provs in panels.items()
                  if any(getattr(r, key) is not None for rs in provs.values() for r in rs)]
@@ -543,23 +625,49 @@ def plots(rows: List[Row], out_dir: str) -> List[str]:
             continue
         cols = min(3, len(items))
         nrows = (len(items) + cols - 1) // cols
-        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+        seen = {}
+        any_untrusted = False
         for ax, (panel, provs) in zip(axes.flat, items):
-            for prov, rs in sorted(provs.items()):
-                rs = sorted((r for r in rs if getattr(r, key) is not None), key=lambda r: r.size)
-                if rs:
-                    ax.plot([r.size for r in rs], [getattr(r, key) for r in rs], marker="o", label=prov)
+            sizes = set()
+            for prov in sorted(provs, key=lambda p: list(PROVIDER_STYLE).index(p) if p in PROVIDER_STYLE else 99):
+                rs = sorted((r for r in provs[prov] if getattr(r, key) is not None), key=lambda r: r.size)
+                if not rs:
+                    continue
+                colour, marker = PROVIDER_STYLE.get(prov, ("black", "x"))
+                xs, ys = [r.size for r in rs], [getattr(r, key) for r in rs]
+                sizes.update(xs)
+                seen[prov] = ax.plot(xs, ys, color=colour, marker=marker, label=prov)[0]
+                bad = [(x, y) for x, y, r in zip(xs, ys, rs) if r.untrusted]
+                if bad:  # an untrustworthy figure: a hollow marker
+                    any_untrusted = True
+                    ax.plot(*zip(*bad), ls="none", marker=marker, ms=11, mfc="white", mec=colour, zorder=3)
+            train = panel.startswith("train_step")
             ax.set_xscale("log")
-            if key == "median_ms":
+            if key == "median_ms" and not train:
                 ax.set_yscale("log")
+            ticks = sorted(sizes)
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([("B=%d" % t) if train else _si(t) for t in ticks], fontsize=8)
+            ax.xaxis.set_minor_locator(NullLocator())
+            if train:  # few points, linear time axis from 0 with room above the highest marker
+                top = max(getattr(r, key) for rs in provs.values() for r in rs if getattr(r, key) is not None)
+                ax.set_ylim(0, 1.15 * top)
+                if len(ticks) == 1:
+                    ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
             ax.set_title(panel, fontsize=9)
-            ax.set_xlabel("batch size B" if panel.startswith("train_step") else "elements of x / h")
+            ax.set_xlabel("batch size B (D=80, T=50)" if train else "elements of x (gate) or h (KGS)")
             ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.grid(True, which="major", alpha=0.3)
         for ax in list(axes.flat)[len(items):]:
             ax.axis("off")
-        fig.tight_layout()
+        handles = list(seen.values())
+        labels = list(seen)
+        if any_untrusted:
+            handles.append(Line2D([], [], ls="none", marker="o", ms=9, mfc="white", mec="black"))
+            labels.append("hollow: not trustworthy (see the trust column)")
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.035, 1, 1))
         path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -567,9 +675,8 @@ def plots(rows: List[Row], out_dir: str) -> List[str]:
     return written
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time every op per provider (eager, torch.compile, fused backends)",
-                       description=__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
+    """The options of ``mim-fast bench``."""
     p.add_argument("--quick", action="store_true", help="a short sweep (a few minutes on 2 CPU cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     p.add_argument("--ops", default="gate,kgs,train", help="comma-separated subset of gate,kgs,train")
@@ -578,6 +685,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gate-shapes", metavar="TxBxD,...", help="gate shapes instead of the sweep's, e.g. 50x256x768")
     p.add_argument("--kgs-shapes", metavar="BxD,...", help="KGS shapes (M = 3) instead of the sweep's, e.g. 4096x768")
     p.add_argument("--train-batches", metavar="B,...", help="training-step batch sizes instead of the sweep's")
+    p.add_argument("--gate-passes", metavar="P,...", help="gate passes, a subset of %s (default: fwd,fwd+bwd)"
+                   % ",".join(GATE_PASSES))
     p.add_argument("--out", default="runs/bench", help="folder for bench.md, bench.json and the plots")
     p.add_argument("--no-plots", action="store_true")
 
@@ -618,6 +727,8 @@ def main(args) -> int:
             sweep["kgs"] = _shapes(args.kgs_shapes, 2, "kgs-shapes")
         if args.train_batches:
             sweep["train"] = _shapes(args.train_batches, 1, "train-batches")
+        if args.gate_passes:
+            sweep["gate_passes"] = _split(args.gate_passes, list(GATE_PASSES), "gate-passes")
     except ValueError as exc:
         print("mim-fast bench: error: %s" % exc, file=sys.stderr)
         return 2
@@ -625,6 +736,9 @@ def main(args) -> int:
         print("mim-fast bench: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    # inductor imports cpp_extension, which warns "No CUDA runtime is found, using CUDA_HOME=..." on a machine
+    # without a GPU driver: irrelevant to the timings, and it would land between the rows
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     meta = machine_info(device)
     copy = copy_bandwidth(device)
     print("copy bandwidth (%s): %.1f GB/s" % (copy["device"], copy["copy_GBps"]), flush=True)
@@ -641,13 +755,19 @@ def main(args) -> int:
         for row in run_group(op, pass_, shape, dname, dtype, size, runnable, device, copy["copy_GBps"],
                              quick=args.quick):
             rows.append(row)
+            if row.median_ms is not None:
+                row.untrusted = untrusted_reason(row, os.cpu_count() or 1)
             print("  %-44s %-21s %s" % (row.case, row.provider, "ERROR " + row.error if row.error else
-                                        "%10.3f ms" % row.median_ms), flush=True)
+                                        "%10.3f ms%s" % (row.median_ms, "  ⚠ " + row.untrusted if row.untrusted
+                                                         else "")), flush=True)
     _ratios(rows)
     meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     table = markdown(rows, meta, copy)
     print()
     print(table)
+    warning = trust_warning(rows)
+    if warning:
+        print(warning, file=sys.stderr)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "bench.json"), "w") as f:

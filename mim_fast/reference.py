@@ -92,7 +92,7 @@ def philox_uniform_counters(seed: int, counters: torch.Tensor) -> torch.Tensor:
     zero = torch.zeros_like(lo)
     w, _, _, _ = philox4x32_10(lo, hi, zero, zero, seed & _M32, (seed >> 32) & _M32)
     v = torch.where(w >= 2**31, _M32 - w, w)  # ~int32(w) for the negative half, as an unsigned value
-    return v.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=v.device)
+    return v.to(torch.float32) * torch.full((), _UNIFORM_SCALE, dtype=torch.float32, device=v.device)
 
 
 def philox_uniform(seed: int, offset: int, shape: Sequence[int], device=None) -> torch.Tensor:
@@ -256,15 +256,36 @@ def purify_gate(
     ``exact_math=False`` uses torch.log/torch.sigmoid instead (the published formulation).
 
     With ``lengths`` (B,), steps t ≥ lengths[b] are padding: the gate is forced closed with no
-    gradient (neither through the straight-through path nor the penalty), x there is never read into
-    the result, the pooling divides by lengths[b] (a sample of length 0 pools to 0), and the penalty
-    is the mean of q over the valid steps only (0 when there are none).
+    gradient (neither through the straight-through path nor the penalty), x and the logits there are
+    never read into the result, the pooling divides by lengths[b] (a sample of length 0 pools to 0), and
+    the penalty is the mean of q over the valid steps only (0 when there are none).
+
+    NaN policy (every backend): values propagate as SPEC §1's formulas compute them. A NaN logit or
+    noise at a valid step makes c, hence the gate z, NaN: ``gate`` is NaN there and the sample's
+    ``pooled`` is NaN in every feature (y = x·z); a NaN/±inf feature gives NaN through x·0 at a closed
+    step. Gradients are autograd's of those formulas, with torch.clamp's convention that the clamp's
+    indicator selects: a clamped step passes no gradient to its logit even when ∂L/∂c is NaN. Padding
+    is never read (see above), whatever it holds.
     """
     xs = x.transpose(0, 1) if batch_first else x  # (T, B, D) view, no copy
     T, B, _ = xs.shape
     acc = _compute_dtype(x, logits, noise)
     log, sigmoid = _gate_functions(acc, exact_math)
-    a = logits.to(acc) + loc_bias  # (B, T) log-alpha
+    g = logits.to(acc)
+    if lengths is not None:
+        lengths = lengths.to(x.device).clamp(0, T)  # (the public op rejects values outside [0, T] where it can look)
+        valid = torch.arange(T, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        # Padding is never read, its logits included: a NaN there must not reach ∂L/∂logits through a
+        # local derivative (0·NaN) any more than through the value.
+        g = torch.where(valid, g, torch.zeros_like(g))
+    a = g + loc_bias  # (B, T) log-alpha
+
+    def const(v):
+        # Divisors and comparands as tensors on the data's device: ATen turns a CUDA tensor divided by a
+        # host scalar into a multiply by its reciprocal (not the IEEE quotient the kernels compute), which
+        # would make the reference differ between CPU and CUDA, and from the kernels, in the last bit.
+        # torch.full, not torch.tensor: a fill, no host-to-device copy (capturable in a CUDA graph).
+        return torch.full((), v, dtype=acc, device=a.device)
 
     if mode == "sample":
         if noise is None:
@@ -273,24 +294,23 @@ def purify_gate(
             u = noise.detach()
         u = u.to(acc).clamp(NOISE_EPS, 1.0 - NOISE_EPS)
         ell = log(u) - log(1.0 - u)  # logistic noise
-        s = sigmoid((ell + a) / beta)
+        s = sigmoid((ell + a) / const(beta))
     else:
         s = sigmoid(a)
     s_bar = (zeta - gamma) * s + gamma
     c = torch.clamp(s_bar, 0.0, 1.0)
-    h = (c > torch.tensor(threshold, dtype=acc, device=c.device)).to(acc)
+    # z's forward value: 0 or 1, and NaN where c is NaN (a NaN logit or noise), as c + sg(h − c) computes it
+    h = torch.where(torch.isnan(c), c, (c > const(threshold)).to(acc))
     # Straight-through estimator written as h + (c − sg(c)): the forward value is exactly h (c − c is
     # exactly 0), which c + sg(h − c) would only round to; the gradient w.r.t. c is 1 either way.
     z = h + (c - c.detach())
 
     q = sigmoid(a - beta * penalty_log_ratio(penalty, gamma, zeta, threshold))
     if lengths is None:
-        P = q.mean()
-        denom = float(T)
+        P = q.sum() / const(B * T)  # = q.mean(), whose backward would divide by a host scalar
+        denom = const(T)
         y = xs.to(acc) * z.t().unsqueeze(-1)  # (T, B, D)
     else:
-        lengths = lengths.to(x.device).clamp(0, T)  # (the public op rejects values outside [0, T] where it can look)
-        valid = torch.arange(T, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
         h = torch.where(valid, h, torch.zeros_like(h))
         z = torch.where(valid, z, torch.zeros_like(z))
         # where(), not a product with the mask: padding may hold anything (inf, NaN) and must neither

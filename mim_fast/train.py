@@ -16,10 +16,11 @@ global index, so a run resumed from an epoch checkpoint — even after an interr
 reproduces the uninterrupted run exactly.
 """
 import dataclasses
+import datetime
 import json
 import math
 import os
-import shutil
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,12 +31,15 @@ import torch
 
 from . import data as data_lib
 from . import metrics as metrics_lib
+from . import runs
 from .nn import MIM, ModalitySpec
-from .ops import gate_noise, kgs_loss
+from .ops import BACKENDS, gate_noise, kgs_loss
+from .runs import CheckpointError, RunFolderError
 from .profiling import named_range
 
-__all__ = ["TrainConfig", "Batch", "batches", "load_for_training", "run", "build_model", "train_step", "evaluate",
-           "RunFolderExists"]
+__all__ = ["TrainConfig", "Batch", "batches", "load_for_training", "run", "resume", "build_model", "train_step",
+           "evaluate", "resolve_device", "resolve_backends", "environment", "RunFolderError", "RunFolderExists",
+           "CheckpointError", "Interrupted", "TrainingDiverged"]
 
 
 # The synthetic data of the default run (the demo): impure steps form one contiguous stretch per sample
@@ -186,27 +190,133 @@ class TrainConfig:
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if not (isinstance(self.mask_ratio, int) and self.mask_ratio >= 1):
-            raise ValueError("mask_ratio must be an integer >= 1, got %r" % (self.mask_ratio,))
-        if not self.penalty_weight >= 0:
-            raise ValueError("penalty_weight must be >= 0, got %r" % (self.penalty_weight,))
-        if not self.penalty_warmup >= 0:
-            raise ValueError("penalty_warmup must be >= 0 (epochs), got %r" % (self.penalty_warmup,))
-        if self.penalty_scale not in PENALTY_SCALES:
-            raise ValueError("penalty_scale must be one of %s; got %r" % (PENALTY_SCALES, self.penalty_scale))
-        if not (self.mask_score_bias == "pytorch" or isinstance(self.mask_score_bias, (int, float))):
-            raise ValueError("mask_score_bias must be a number or 'pytorch'; got %r" % (self.mask_score_bias,))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's type and range (ValueError naming the field and its --flag): a bad value is
+        refused before a run touches its folder. Device and backend availability are checked by
+        :func:`resolve_device` / :func:`resolve_backends`, which need torch's view of this machine."""
+        def bad(name, what):
+            raise ValueError("%s (%s) must be %s; got %r" % (name, _flag(name), what, getattr(self, name)))
+
+        def integer(name, minimum):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                bad(name, "an integer >= %d" % minimum)
+
+        def number(name, positive=False, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                    (v <= 0 if positive else v < 0):
+                bad(name, "a finite number %s 0" % (">" if positive else ">="))
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                bad(name, "one of %s" % ", ".join(map(str, options)))
+
+        if not isinstance(self.data, str) or not self.data:
+            bad("data", "'synthetic' or the path of a pickle")
+        if not isinstance(self.out, str):
+            bad("out", "a folder path")
+        for name, minimum in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("d_model", 2), ("heads", 1),
+                              ("mask_ratio", 1), ("text_layers", 0), ("av_layers", 0), ("max_len", 1)):
+            integer(name, minimum)
+        for name in ("lr", "kd_scale"):
+            number(name, positive=True)
+        for name in ("weight_decay", "penalty_weight", "penalty_warmup"):
+            number(name)
+        if isinstance(self.loc_bias, bool) or not isinstance(self.loc_bias, (int, float)) or \
+                not math.isfinite(self.loc_bias):
+            bad("loc_bias", "a finite number")
+        if self.mask_score_bias != "pytorch" and (isinstance(self.mask_score_bias, bool) or not isinstance(
+                self.mask_score_bias, (int, float)) or not math.isfinite(self.mask_score_bias)):
+            bad("mask_score_bias", "a finite number or 'pytorch' (PyTorch's default init)")
+        choice("fusion", ("multiplication", "add", "concat", "tensor"))
+        choice("activation", ("tanh", "relu", "identity"))
+        for name in ("per_sample", "kgs_transfer", "kd_divide_T", "upn", "drop_last", "mask_score_relu",
+                     "mask_residual"):
+            choice(name, (True, False))
+        choice("gate_penalty", ("mim", "threshold"))
+        choice("penalty_scale", PENALTY_SCALES)
+        choice("pool_norm", ("T", "open"))
+        choice("optimizer", ("two-phase", "joint"))
+        choice("eval_gate", ("expected", "sample"))
+        choice("amp", ("none", "bf16", "fp16"))
+        choice("backend", ("auto",) + BACKENDS)
+        if not isinstance(self.device, str) or not self.device:
+            bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if (self.av_layers or self.text_layers) and self.d_model % self.heads:
+            raise ValueError("d_model must be divisible by heads (the Transformer layers split it across heads); "
+                             "got d_model (--d-model) = %d, heads = %d" % (self.d_model, self.heads))
+        if not isinstance(self.synthetic, dict):
+            bad("synthetic", "a dict of mim_fast.data.synthetic() options")
+        if self.bert_path is not None and not os.path.isdir(str(self.bert_path)):
+            raise ValueError("bert_path (--bert): %s is not a folder (a local Hugging Face BERT)" % self.bert_path)
 
     def overrides(self) -> Dict[str, object]:
         """The preset fields whose value differs from the preset's: {name: value}."""
         return {k: getattr(self, k) for k, v in PRESETS[self.preset].items() if getattr(self, k) != v}
 
 
-class RunFolderExists(RuntimeError):
-    """The run folder already holds a run and neither --overwrite nor --resume was given."""
+# TrainConfig fields whose command-line flag is not --<field with dashes>
+_FLAGS = {"per_sample": "--routing", "kgs_transfer": "--routing off", "upn": "--no-upn", "av_layers": "--layers",
+          "bert_path": "--bert", "data": "--data"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch.device a config's ``device`` names ("auto": the first GPU when torch sees one, else the
+    CPU); ValueError, listing what is available here, for a name torch cannot use on this machine."""
+    gpus = ["cuda:%d" % i for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    available = ", ".join(["cpu"] + (["cuda"] + gpus if gpus else []))
+    if name == "auto":
+        return torch.device("cuda" if gpus else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError("--device %r is not a device name (available here: %s)" % (name, available)) from None
+    if device.type == "cuda":
+        if not gpus:
+            raise ValueError("--device %s: torch sees no CUDA device here (available here: %s)" % (name, available))
+        if device.index is not None and device.index >= len(gpus):
+            raise ValueError("--device %s: there is no such GPU (available here: %s)" % (name, available))
+    elif device.type != "cpu":
+        raise ValueError("--device %s: mim-fast train runs on a CPU or a CUDA GPU (available here: %s)"
+                         % (name, available))
+    return device
+
+
+def resolve_backends(backend: str, device: torch.device) -> Dict[str, str]:
+    """{op: backend} that the gate and the KGS loss will run on (``backend`` "auto": the fastest that can
+    serve ``device``); ValueError naming the reason and the backends available there when the asked one
+    cannot run on that device."""
+    from .ops import _backends
+
+    chosen = {}
+    for op in ("purify_gate", "kgs_loss"):
+        status = _backends.backend_status(op, device, (torch.float32,))
+        ok = [b for b in _backends.AUTO_ORDER.get(device.type, ("torch",)) if status.get(b) is None]
+        if backend == "auto":
+            if not ok:
+                raise ValueError("no backend can run %s on %s: %s" % (op, device, "; ".join(
+                    "%s: %s" % kv for kv in status.items())))
+            chosen[op] = ok[0]
+        elif status.get(backend) is not None:
+            raise ValueError("--backend %s cannot run %s on %s: %s (available there: %s)"
+                             % (backend, op, device.type, status[backend], ", ".join(["auto"] + ok)))
+        else:
+            chosen[op] = backend
+    return chosen
 
 
 def _device(name: str) -> torch.device:
+    """"auto" → cuda when present, else cpu; anything else as torch.device parses it (unchecked; used by
+    mim-fast profile, which reports its own errors)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -247,16 +357,20 @@ def batches(split, batch_size: int, *, shuffle: bool, device: torch.device, seed
                     raw["labels"].to(device), raw["index"].to(device), impurity)
 
 
-def load_for_training(config: TrainConfig):
-    """The dataset a config names: the synthetic one (with ``config.synthetic`` overrides) or a pickle."""
+def load_for_training(config: TrainConfig, *, trusted: bool = False):
+    """The dataset a config names: the synthetic one (with ``config.synthetic`` overrides) or a pickle
+    (``config.max_len`` applies to a MAG-BERT pickle; ``trusted`` lifts the plain-data unpickling
+    restriction)."""
     if config.data == "synthetic":
         opts = {"seed": config.seed, **config.synthetic}
         for k in ("dims", "strength"):
             if k in opts and isinstance(opts[k], list):
                 opts[k] = tuple(opts[k])
-        return data_lib.synthetic(**opts)
-    return data_lib.load(config.data, max_len=config.max_len if data_lib.detect_format(config.data) == "magbert"
-                         else None)
+        try:
+            return data_lib.synthetic(**opts)
+        except TypeError as e:  # an unknown option
+            raise ValueError("synthetic data options: %s" % e) from None
+    return data_lib.load_for_max_len(config.data, config.max_len, trusted=trusted)
 
 
 def build_model(dataset, config: TrainConfig) -> MIM:
@@ -413,11 +527,17 @@ def train_step(model: MIM, opt: Optimizers, batch, config: TrainConfig, noise_se
     return {k: float(v.detach()) for k, v in logged.items()}
 
 
+class TrainingDiverged(ValueError):
+    """The model's predictions became NaN/inf."""
+
+
 @torch.no_grad()
-def evaluate(model: MIM, split, config: TrainConfig, device: torch.device, seed: int) -> dict:
+def evaluate(model: MIM, split, config: TrainConfig, device: torch.device, seed: int,
+             epoch: Optional[int] = None) -> dict:
     """Predictions of a split (eval mode) → :func:`mim_fast.metrics.regression_metrics` (both conventions,
     by name), the L1 loss (``l1``, the per-sample mean: the model-selection criterion), and, where the
-    split has ground-truth impurity masks, the purification quality of the gates (``purification``)."""
+    split has ground-truth impurity masks, the purification quality of the gates (``purification``).
+    Raises :class:`TrainingDiverged` when a prediction is NaN/inf."""
     model.eval()
     preds, labels, gates, masks, lens = [], [], {n: [] for n in model.names}, {n: [] for n in model.names}, \
         {n: [] for n in model.names}
@@ -434,6 +554,10 @@ def evaluate(model: MIM, split, config: TrainConfig, device: torch.device, seed:
                                   else torch.full((g.shape[0],), g.shape[1]))
     model.train()
     p, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    if not np.isfinite(p).all():
+        raise TrainingDiverged("%straining diverged: %d of %d %s predictions are NaN/inf (a lower --lr may help)"
+                               % ("epoch %d: " % epoch if epoch else "", int((~np.isfinite(p)).sum()), p.size,
+                                  split.name))
     res = metrics_lib.regression_metrics(p, y)
     res["l1"] = float(np.abs(p - y).mean())
     if any(gates[n] for n in model.names):
@@ -455,109 +579,296 @@ def _progress(epoch: int, epochs: int, i: int, n: int, t0: float, loss: float, e
     sys.stderr.flush()
 
 
-def _prepare_out(config: TrainConfig, resume: bool, overwrite: bool) -> str:
-    out = config.out
-    ckpt = os.path.join(out, "checkpoint.pt")
-    if os.path.isdir(out) and os.listdir(out) and not resume:
-        if not overwrite:
-            raise RunFolderExists("run folder %s already holds files: pass --overwrite to replace them or "
-                                  "--resume to continue that run" % out)
-        shutil.rmtree(out)
-    if resume and not os.path.exists(ckpt):
-        raise FileNotFoundError("--resume: no checkpoint at %s" % ckpt)
+class RunFolderExists(RunFolderError):
+    """The run folder already holds a run and neither --overwrite nor --resume was given."""
+
+
+class Interrupted(Exception):
+    """Training was interrupted (Ctrl-C); ``epoch`` is the last epoch whose checkpoint is on disk."""
+
+    def __init__(self, out: str, epoch: int, resumed: bool):
+        self.out, self.epoch = out, epoch
+        if epoch:
+            msg = "interrupted after epoch %d; rerun with --resume to continue (mim-fast train --resume --out %s)" % (
+                epoch, out)
+        elif resumed:
+            msg = "interrupted before any epoch finished; the run is unchanged, rerun with --resume"
+        else:
+            msg = ("interrupted before the first epoch finished: no checkpoint to resume from; rerun with "
+                   "--overwrite to start again")
+        super().__init__(msg)
+
+
+# What --resume may change: where and how fast the run computes, and how long it goes on. Everything else
+# shapes the trajectory, so it stays as saved.
+RESUME_CHANGEABLE = ("epochs", "device", "backend")
+
+
+def _preview(names) -> str:
+    names = list(names)
+    return ", ".join(names[:4]) + (", ... (%d in all)" % len(names) if len(names) > 4 else "")
+
+
+def _check_writable_path(out: str) -> None:
+    """Refuse an --out that cannot become a folder (it, or a folder above it, is a file) — before anything
+    is loaded or written. Permission and space problems surface as OSError at the first write."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        raise RunFolderError("--out %s: %s is a file, not a folder" % (out, path))
+
+
+def _check_new_run_folder(out: str, overwrite: bool) -> None:
+    """A new run may go into a missing or empty folder, or (with --overwrite) replace a run folder's run.
+    Reads only; the old run's files are deleted by :func:`_create_run_folder`, after every input is
+    checked."""
+    if not out:
+        raise RunFolderError("--out must name a folder")
+    _check_writable_path(out)
+    names = runs.run_files(out) if os.path.isdir(out) else []
+    others = [n for n in (sorted(os.listdir(out)) if os.path.isdir(out) else []) if n not in names]
+    if not names and not others:
+        return
+    if not runs.is_run_folder(out):
+        raise RunFolderError("--out %s holds files that are not a mim-fast run (%s); refusing to write into it: "
+                             "choose a new or empty folder" % (out, _preview(others or names)))
+    if overwrite:
+        return
+    done = runs.checkpoints(out)
+    if done:
+        raise RunFolderExists("run folder %s already holds a run (checkpoint of epoch %d): pass --resume to "
+                              "continue it or --overwrite to replace it" % (out, done[0][0]))
+    raise RunFolderExists("run folder %s already holds a run that has no checkpoint (it stopped before its "
+                          "first epoch ended): pass --overwrite to replace it" % out)
+
+
+def _create_run_folder(out: str, overwrite: bool) -> None:
+    """The first write of a new run: the folder, or (--overwrite) a run folder emptied of the old run's
+    files. Other files in it are left alone."""
+    if overwrite and os.path.isdir(out):
+        runs.remove_run_files(out)
     os.makedirs(out, exist_ok=True)
-    return ckpt
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+def _resume_point(out: str, changes: dict, warn) -> tuple:
+    """(config, checkpoint payload, path) of the run in ``out``, from its newest intact checkpoint, with
+    ``changes`` applied where --resume allows them."""
+    if not out:
+        raise RunFolderError("--out must name a folder")
+    if not os.path.isdir(out):
+        raise RunFolderError("--resume: %s is not a folder" % out)
+    if not runs.is_run_folder(out):
+        raise RunFolderError("--resume: %s is not a mim-fast run folder" % out)
+    ck, path, problems = runs.latest_intact_checkpoint(out)
+    if ck is None:
+        if problems:
+            raise RunFolderError("--resume: no intact checkpoint in %s (%s)" % (out, "; ".join(problems)))
+        legacy = os.path.exists(os.path.join(out, "checkpoint.pt"))
+        raise RunFolderError("--resume: %s has no checkpoint (%s): pass --overwrite to start the run again" % (
+            out, "its checkpoint.pt is of a pre-release format that is not loaded because it could run code"
+            if legacy else "the run stopped before its first epoch ended"))
+    if problems:
+        warn("%s; resuming from %s instead" % ("; ".join(problems), os.path.basename(path)))
+    saved = json.loads(ck["config"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise ValueError("unknown TrainConfig fields: %s" % ", ".join(unknown))
+    refused = ["%s %s (the run has %s)" % (_flag(k), _show(v), _show(saved.get(k))) for k, v in changes.items()
+               if k not in RESUME_CHANGEABLE and k != "out" and v != saved.get(k)]
+    if refused:
+        raise RunFolderError("--resume continues a run with its saved settings; it cannot change %s: start a "
+                             "new run in another --out for that" % "; ".join(refused))
+    saved.update({k: v for k, v in changes.items() if k in RESUME_CHANGEABLE})
+    saved["out"] = out  # a moved or copied run resumes where it is now
+    dropped = sorted(set(saved) - fields)
+    if dropped:
+        raise RunFolderError("--resume: %s was written by another version of mim_fast (unknown settings %s)"
+                             % (os.path.basename(path), ", ".join(dropped)))
+    missing = sorted(k for k in PRESETS["mim"] if k not in saved)
+    if missing:  # a preset would fill them, possibly with values the run never had
+        raise RunFolderError("--resume: %s was written by another version of mim_fast (no setting %s)"
+                             % (os.path.basename(path), _preview(missing)))
+    config = TrainConfig(**saved)
+    done = int(ck["epoch"])
+    if config.epochs < done:
+        raise ValueError("--epochs %d: the run in %s has already trained %d epochs" % (config.epochs, out, done))
+    return config, ck, path
 
 
-def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-        stop_after_steps: Optional[int] = None, log=print) -> dict:
-    """Train and evaluate; returns (and writes to <out>/metrics.json) the history, the best epoch and its
-    test metrics, and a trivial baseline. ``stop_after_steps`` interrupts the run after that many training
-    steps in total (without a checkpoint for the unfinished epoch), as a crash would — for tests."""
-    device = _device(config.device)
-    ckpt_path = _prepare_out(config, resume, overwrite)
-    if resume:
-        saved_cfg = torch.load(ckpt_path, map_location="cpu", weights_only=False)["config"]
-        saved_cfg["epochs"] = config.epochs  # resuming may extend a run
-        config = TrainConfig(**saved_cfg)
+def _show(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def _warn(message: str) -> None:
+    print("warning: %s" % message, file=sys.stderr, flush=True)
+
+
+def environment(device: torch.device, backends: Dict[str, str]) -> dict:
+    """What a run's numbers depend on beyond its config: versions, source commit, threads, device, the
+    backends the ops resolved to (recorded in metrics.json per session)."""
+    from . import __version__
+
+    return {"mim_fast": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "commit": runs.git_commit(), "threads": torch.get_num_threads(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else runs.cpu_name(),
+            "backends": dict(backends), "host": platform.node(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _checkpoint_payload(model, opt, state, config, epoch) -> dict:
+    return {"kind": "resume", "epoch": epoch, "model": model.state_dict(), "optim": opt.state_dict(),
+            "state": json.dumps(state, default=float), "config": json.dumps(dataclasses.asdict(config))}
+
+
+def run(config: TrainConfig, *, overwrite: bool = False, progress: bool = True, keep_checkpoints: int = 3,
+        threads: Optional[int] = None, trust_data: bool = False, stop_after_steps: Optional[int] = None,
+        log=print, warn=_warn) -> dict:
+    """Train and evaluate a new run in ``config.out``; returns (and writes to <out>/metrics.json) the
+    history, the best epoch and its test metrics, a trivial baseline and the environment.
+
+    Every input — the config, the device and backend, the data, the model it builds, the run folder — is
+    checked before the first write: a mistake raises ValueError (RunFolderError for the folder) with nothing
+    written. ``--out`` must be missing, empty, or (``overwrite``) a run folder, of which only the files a
+    run writes are deleted (see :mod:`mim_fast.runs`). After each epoch a checkpoint is written (the last
+    ``keep_checkpoints`` are kept) and metrics.json is updated. ``threads``: torch's intra-op threads
+    (None: as set). ``trust_data``: unpickle data files without the plain-data restriction.
+    ``stop_after_steps`` stops the run after that many training steps in total (without a checkpoint for
+    the unfinished epoch), as a crash would — for tests. Ctrl-C raises :class:`Interrupted`."""
+    _check_run_options(keep_checkpoints, threads)
+    _check_new_run_folder(config.out, overwrite)
+    return _train(config, None, overwrite=overwrite, progress=progress, keep=keep_checkpoints, threads=threads,
+                  trust_data=trust_data, stop_after_steps=stop_after_steps, log=log, warn=warn)
+
+
+def resume(out: str, changes: Optional[dict] = None, *, progress: bool = True, keep_checkpoints: int = 3,
+           threads: Optional[int] = None, trust_data: bool = False, stop_after_steps: Optional[int] = None,
+           log=print, warn=_warn) -> dict:
+    """Continue the run in the folder ``out`` (wherever it was first written) from its newest intact
+    checkpoint; an unreadable or damaged newer one is skipped with a warning. ``changes`` (TrainConfig
+    fields) may set ``epochs`` (to extend the run), ``device`` and ``backend``; any other field that differs
+    from the run's is refused (RunFolderError), as it would change the trajectory. Resuming with the same
+    device, backend and threads reproduces the uninterrupted run exactly. Other arguments as in :func:`run`."""
+    _check_run_options(keep_checkpoints, threads)
+    config, ck, path = _resume_point(out, dict(changes or {}), warn)
+    ck["_path"] = os.path.basename(path)
+    log("resuming %s from %s: %d of %d epochs done%s" % (
+        out, os.path.basename(path), ck["epoch"], config.epochs,
+        "; training epochs %d-%d" % (ck["epoch"] + 1, config.epochs) if config.epochs > ck["epoch"] else
+        "; nothing left to train"))
+    return _train(config, ck, overwrite=False, progress=progress, keep=keep_checkpoints, threads=threads,
+                  trust_data=trust_data, stop_after_steps=stop_after_steps, log=log, warn=warn)
+
+
+def _check_run_options(keep_checkpoints, threads) -> None:
+    if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+        raise ValueError("--keep-checkpoints must be an integer >= 1; got %r" % (keep_checkpoints,))
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError("--threads must be an integer >= 1; got %r" % (threads,))
+
+
+def _train(config: TrainConfig, ck: Optional[dict], *, overwrite, progress, keep, threads, trust_data,
+           stop_after_steps, log, warn) -> dict:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = resolve_device(config.device)
+    backends = resolve_backends(config.backend, device)
     _seed_everything(config.seed)
-    dataset = load_for_training(config)
+    dataset = load_for_training(config, trusted=trust_data)
     model = build_model(dataset, config).to(device)
     opt = Optimizers(model, config, device)
-    state = {"epoch": 0, "history": [], "best": None}
-    if resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-        state = ck["state"]
-    with open(os.path.join(config.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
-
-    baseline = metrics_lib.regression_metrics(np.full(len(dataset.test), float(dataset.train.labels.mean())),
-                                              dataset.test.labels.numpy())
-    has_impurity = bool(dataset.test.impurity)
-    if not resume:
-        log("data: %s — train/dev/test = %d/%d/%d; %s" % (
-            dataset.name or config.data, len(dataset.train), len(dataset.dev), len(dataset.test),
-            ", ".join("%s %s×%d" % (m, "ids" if m == "text" and dataset.text_is_tokens else dataset.dims[m],
-                                    dataset.seq_len[m]) for m in data_lib.MODALITIES)))
-        log("model: %d parameters (%d in the mask learners), device %s, backend %s" % (
-            sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.upn_parameters()), device,
-            config.backend))
-        log("preset %s%s" % (config.preset, "; overrides: " + ", ".join(
-            "%s=%s" % kv for kv in config.overrides().items()) if config.overrides() else " (no overrides)"))
-        log("trivial baseline (predict the train mean): test MAE(all) %.4f, Acc-2(non0) %.4f, Acc-7 %.4f" % (
-            baseline["mae_all"], baseline["acc2_non0"], baseline["acc7"]))
+    state = {"epoch": 0, "history": [], "best": None, "sessions": []}
+    if ck is not None:
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optim"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise runs.CheckpointError("%s does not fit the model its config builds (%s)"
+                                       % (ck.get("_path", "the checkpoint"), str(e).splitlines()[0])) from None
+        state = json.loads(ck["state"])
+        state.setdefault("sessions", [])
+    out = config.out
+    resumed = ck is not None
+    try:
+        if not resumed:
+            _create_run_folder(out, overwrite)  # the first write: every input is checked by now
+        state["sessions"].append(dict(environment(device, backends), first_epoch=state["epoch"] + 1))
+        runs.write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
+        baseline = metrics_lib.regression_metrics(
+            np.full(len(dataset.test), float(dataset.train.labels.mean())), dataset.test.labels.numpy())
+        has_impurity = bool(dataset.test.impurity)
+        if not resumed:
+            log("data: %s — train/dev/test = %d/%d/%d; %s" % (
+                dataset.name or config.data, len(dataset.train), len(dataset.dev), len(dataset.test),
+                ", ".join("%s %s×%d" % (m, "ids" if m == "text" and dataset.text_is_tokens else dataset.dims[m],
+                                        dataset.seq_len[m]) for m in data_lib.MODALITIES)))
+            log("model: %d parameters (%d in the mask learners), device %s, backends %s, %d thread%s" % (
+                sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.upn_parameters()),
+                device, ", ".join("%s %s" % kv for kv in backends.items()), torch.get_num_threads(),
+                "" if torch.get_num_threads() == 1 else "s"))
+            log("preset %s%s" % (config.preset, "; overrides: " + ", ".join(
+                "%s=%s" % kv for kv in config.overrides().items()) if config.overrides() else " (no overrides)"))
+            log("trivial baseline (predict the train mean): test MAE(all) %.4f, Acc-2(non0) %.4f, Acc-7 %.4f" % (
+                baseline["mae_all"], baseline["acc2_non0"], baseline["acc7"]))
         log(_header(has_impurity))
-    steps = 0
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        torch.manual_seed(_epoch_seed(config.seed, epoch, 0))  # dropout: a function of (seed, epoch)
-        noise_seed = _epoch_seed(config.seed, epoch, 1)
-        t0 = time.time()
-        model.train()
-        sums, n = {}, 0
-        epoch_batches = list(batches(dataset.train, config.batch_size, shuffle=True, device=device,
-                                     seed=_epoch_seed(config.seed, epoch, 2), drop_last=config.drop_last))
-        for i, batch in enumerate(epoch_batches, 1):
-            losses = train_step(model, opt, batch, config, noise_seed, device,
-                                penalty_ramp(config, epoch, i - 1, len(epoch_batches)))
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-            steps += 1
-            _progress(epoch, config.epochs, i, len(epoch_batches), t0, sums["task"] / n, progress)
-            if stop_after_steps is not None and steps >= stop_after_steps:
-                return {"interrupted_at_epoch": epoch, "steps": steps}
-        eval_seed = _epoch_seed(config.seed, 0, 3)  # the same for every epoch: comparable dev scores
-        dev = evaluate(model, dataset.dev, config, device, eval_seed)
-        test = evaluate(model, dataset.test, config, device, eval_seed)
-        row = {"epoch": epoch, "train": {k: v / n for k, v in sums.items()}, "dev": dev, "test": test,
-               "seconds": time.time() - t0}
-        state["history"].append(row)
-        if state["best"] is None or dev["l1"] < state["best"]["dev"]["l1"]:
-            state["best"] = row
-            _atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(config), "epoch": epoch},
-                         os.path.join(config.out, "best.pt"))
-        state["epoch"] = epoch
-        log(_row(row, best=state["best"]["epoch"] == epoch))
-        _atomic_save({"model": model.state_dict(), "optim": opt.state_dict(), "state": state,
-                      "config": dataclasses.asdict(config)}, ckpt_path)
-    result = {"config": dataclasses.asdict(config), "baseline": baseline, "history": state["history"],
-              "best": state["best"]}
-    with open(os.path.join(config.out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
-    _plots(result, config.out, log)
+
+        def result(finished: bool) -> dict:
+            return {"config": dataclasses.asdict(config), "baseline": baseline, "history": state["history"],
+                    "best": state["best"], "epochs_done": state["epoch"], "finished": finished,
+                    "environment": state["sessions"][-1], "sessions": state["sessions"]}
+
+        steps = 0
+        for epoch in range(state["epoch"] + 1, config.epochs + 1):
+            torch.manual_seed(_epoch_seed(config.seed, epoch, 0))  # dropout: a function of (seed, epoch)
+            noise_seed = _epoch_seed(config.seed, epoch, 1)
+            t0 = time.time()
+            model.train()
+            sums, n = {}, 0
+            epoch_batches = list(batches(dataset.train, config.batch_size, shuffle=True, device=device,
+                                         seed=_epoch_seed(config.seed, epoch, 2), drop_last=config.drop_last))
+            for i, batch in enumerate(epoch_batches, 1):
+                losses = train_step(model, opt, batch, config, noise_seed, device,
+                                    penalty_ramp(config, epoch, i - 1, len(epoch_batches)))
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+                steps += 1
+                _progress(epoch, config.epochs, i, len(epoch_batches), t0, sums["task"] / n, progress)
+                if stop_after_steps is not None and steps >= stop_after_steps:
+                    return {"interrupted_at_epoch": epoch, "steps": steps}
+            eval_seed = _epoch_seed(config.seed, 0, 3)  # the same for every epoch: comparable dev scores
+            dev = evaluate(model, dataset.dev, config, device, eval_seed, epoch=epoch)
+            test = evaluate(model, dataset.test, config, device, eval_seed, epoch=epoch)
+            row = {"epoch": epoch, "train": {k: v / n for k, v in sums.items()}, "dev": dev, "test": test,
+                   "seconds": time.time() - t0}
+            state["history"].append(row)
+            if state["best"] is None or dev["l1"] < state["best"]["dev"]["l1"]:
+                state["best"] = row
+                runs.save_checkpoint(os.path.join(out, "best.pt"), {
+                    "kind": "best", "epoch": epoch, "model": model.state_dict(),
+                    "config": json.dumps(dataclasses.asdict(config)), "metrics": json.dumps(row, default=float)})
+            state["epoch"] = epoch
+            runs.save_checkpoint(os.path.join(out, runs.checkpoint_name(epoch)),
+                                 _checkpoint_payload(model, opt, state, config, epoch))
+            runs.prune_checkpoints(out, keep)
+            runs.write_json(os.path.join(out, "metrics.json"), result(finished=False))
+            log(_row(row, best=state["best"]["epoch"] == epoch))
+    except KeyboardInterrupt:
+        done = runs.checkpoints(out)
+        raise Interrupted(out, done[0][0] if done else 0, resumed) from None
+    final = result(finished=True)
+    runs.write_json(os.path.join(out, "metrics.json"), final)
+    _plots(final, out, log)
     best = state["best"]
     if best is not None:
         log("best epoch %d (lowest dev L1 %.4f), test metrics:" % (best["epoch"], best["dev"]["l1"]))
         log(metrics_table(best["test"]))
-    return result
+    log("wrote %s" % out)
+    return final
 
 
 # The columns of the per-epoch table: (metrics key, header). Test metrics, the two conventions named.
@@ -596,11 +907,15 @@ def _row(row: dict, best: bool) -> str:
 
 
 def _plots(result: dict, out: str, log) -> None:
+    """curves.png (errors and test metrics per epoch) and, with ground-truth impurity, gates.png (fraction
+    of test steps whose gate is closed, impure vs clean, per modality — the table's terms); the best
+    epoch (lowest dev L1) is marked in every panel. Written atomically."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         log("(matplotlib not installed: no plots)")
         return
@@ -608,27 +923,60 @@ def _plots(result: dict, out: str, log) -> None:
     if not hist:
         return
     ep = [h["epoch"] for h in hist]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot(ep, [h["train"]["task"] for h in hist], label="train L1")
-    ax[0].plot(ep, [h["dev"]["l1"] for h in hist], label="dev L1")
-    ax[0].plot(ep, [h["test"]["mae_all"] for h in hist], label="test MAE (all)")
-    ax[0].axhline(result["baseline"]["mae_all"], color="gray", ls="--", label="trivial baseline")
-    ax[0].set_xlabel("epoch"); ax[0].legend(); ax[0].set_title("losses")
-    ax[1].plot(ep, [h["test"]["acc2_non0"] for h in hist], label="Acc-2 (non-0)")
-    ax[1].plot(ep, [h["test"]["acc7"] for h in hist], label="Acc-7")
-    ax[1].plot(ep, [h["test"]["corr_all"] for h in hist], label="Corr (all)")
-    ax[1].set_xlabel("epoch"); ax[1].legend(); ax[1].set_title("test metrics")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
-    plt.close(fig)
+    best = result["best"]["epoch"] if result["best"] else None
+
+    def mark_best(ax):
+        if best is not None:
+            ax.axvline(best, color="0.35", ls=":", lw=1.2, label="best epoch %d (lowest dev L1)" % best)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    def save(fig, name):
+        fig.tight_layout()
+        runs.atomic_write(os.path.join(out, name), lambda f: fig.savefig(f, format="png", dpi=110))
+        plt.close(fig)
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(ep, [h["train"]["task"] for h in hist], marker=".", label="train L1 (task loss)")
+    ax[0].plot(ep, [h["dev"]["l1"] for h in hist], marker=".", label="dev L1 (selects the best epoch)")
+    ax[0].plot(ep, [h["test"]["mae_all"] for h in hist], marker=".", label="test MAE (all samples)")
+    ax[0].axhline(result["baseline"]["mae_all"], color="gray", ls="--", label="test MAE of the train mean")
+    mark_best(ax[0])
+    ax[0].set_xlabel("epoch")
+    ax[0].set_ylabel("mean |prediction − label| (sentiment units)")
+    ax[0].set_title("errors (lower is better)")
+    ax[0].set_ylim(bottom=0)
+    ax[0].grid(True, alpha=0.3)
+    ax[0].legend(fontsize=8, loc="upper right")
+    for key, label in (("acc2_non0", "Acc-2 (sign, non-0 labels, MAG-BERT)"), ("f1_non0", "weighted F1 (non-0)"),
+                       ("acc7", "Acc-7 (7 classes)"), ("corr_all", "Pearson correlation (all samples)")):
+        ax[1].plot(ep, [h["test"][key] for h in hist], marker=".", label=label)
+    mark_best(ax[1])
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("score (higher is better)")
+    ax[1].set_title("test split metrics")
+    ax[1].set_ylim(min(0.0, min(h["test"]["corr_all"] for h in hist)) - 0.02, 1.02)
+    ax[1].grid(True, alpha=0.3)
+    ax[1].legend(fontsize=8, loc="lower right")
+    save(fig, "curves.png")
+
     if "purification" in hist[-1]["test"]:
         names = list(hist[-1]["test"]["purification"])
-        fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), sharey=True)
-        for a, n in zip(np.atleast_1d(axes), names):
-            a.plot(ep, [1 - h["test"]["purification"][n]["closed_clean"] for h in hist], label="clean steps")
-            a.plot(ep, [1 - h["test"]["purification"][n]["closed_impure"] for h in hist], label="impure steps")
-            a.set_title("%s: gate open rate" % n); a.set_xlabel("epoch"); a.set_ylim(0, 1.02)
-        np.atleast_1d(axes)[0].legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "gates.png"), dpi=110)
+        fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.9), sharey=True, squeeze=False)
+        for a, n in zip(axes[0], names):
+            a.plot(ep, [h["test"]["purification"][n]["closed_impure"] for h in hist], marker=".",
+                   color="tab:red", label="impure steps closed")
+            a.plot(ep, [h["test"]["purification"][n]["closed_clean"] for h in hist], marker=".",
+                   color="tab:blue", label="clean steps closed")
+            mark_best(a)
+            a.set_title(n)
+            a.set_xlabel("epoch")
+            a.set_ylim(-0.02, 1.02)
+            a.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("fraction of steps with the gate closed")
+        gates = "expected (deterministic)" if result["config"]["eval_gate"] == "expected" else "sampled"
+        fig.suptitle("Test split: fraction of impure and clean steps whose %s gate is closed" % gates, fontsize=10)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        runs.atomic_write(os.path.join(out, "gates.png"), lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)

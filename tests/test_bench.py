@@ -25,6 +25,9 @@ def test_minimal_bytes_are_the_kernels_contract():
     assert bench.minimal_bytes("purify_gate", "fwd", {"T": 7, "B": 3, "D": 5}, torch.float32) == 4 * (7 * 3 * 5 + 3 * 5)
     assert bench.minimal_bytes("purify_gate", "fwd+bwd", {"T": 7, "B": 3, "D": 5}, torch.bfloat16) == 2 * (
         3 * 7 * 3 * 5 + 3 * 5)
+    # x frozen: x read twice (+ pooled), no ∂L/∂x
+    assert bench.minimal_bytes("purify_gate", "fwd+bwd-logits", {"T": 7, "B": 3, "D": 5}, torch.float32) == 4 * (
+        2 * 7 * 3 * 5 + 3 * 5)
     # KGS: h read once, ∂L/∂h written once
     assert bench.minimal_bytes("kgs_loss", "fwd+bwd", {"M": 3, "B": 11, "D": 13}, torch.float32) == 2 * 3 * 11 * 13 * 4
     assert bench.minimal_bytes("train_step", "step", {"B": 16}, torch.float32) is None
@@ -142,3 +145,72 @@ def test_bad_arguments_name_the_option(tmp_path, capsys, args, message):
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_profiler_chatter_never_reaches_the_output(tmp_path, capfd):
+    """libkineto writes `USDT: ... profiler_start/stop` (and, without a GPU driver, `gpuGetDeviceCount failed`)
+    straight to fd 2 on every profiler run; bench filters those lines and passes every other one on."""
+    with bench.native_stderr_filtered():
+        os.write(2, b"USDT:2026-12-01 05:33:53 8928:8928 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(2, b"ERROR:2026-12-01 05:33:53 8928:8928 DeviceProperties.cpp:56] gpuGetDeviceCount failed "
+                    b"with code 35\n")
+        os.write(2, b"[W1201 05:58:04.097208926 CPUAllocator.cpp:245] Memory block of unknown size was allocated "
+                    b"before the profiling started, profiler results will not include the deallocation event\n")
+        os.write(2, b"a real warning\n")
+    assert capfd.readouterr().err == "a real warning\n"
+    bench.peak_memory(lambda: torch.ones(10) + 1, "cpu")  # the real profiler
+    rc, _ = _run(tmp_path, "--ops", "gate", "--providers", "eager", "--dtypes", "fp32", "--gate-shapes", "2x3x4")
+    captured = capfd.readouterr()
+    assert rc == 0 and "USDT" not in captured.out + captured.err and "gpuGetDeviceCount" not in captured.err
+
+
+def _row(median, p20, p80, load=None, device="cpu"):
+    return bench.Row(op="purify_gate", pass_="fwd", shape={"T": 1, "B": 1, "D": 1}, dtype="fp32", provider="eager",
+                     device=device, size=1, median_ms=median, p20_ms=p20, p80_ms=p80, load1=load)
+
+
+def test_untrustworthy_figures_are_flagged_and_warned_about():
+    assert bench.untrusted_reason(_row(1.0, 0.95, 1.2, load=1.5), cores=2) is None
+    assert bench.untrusted_reason(_row(1.0, 0.9, 1.31), cores=2) == "p20-p80 spread 41% of the median"
+    assert bench.untrusted_reason(_row(1.0, 1.0, 1.0, load=4.9), cores=2) == "load 4.9 on 2 cores"
+    assert bench.untrusted_reason(_row(1.0, 1.0, 1.0, load=4.9, device="cuda"), cores=2) is None
+    rows = [_row(1.0, 1.0, 1.0), _row(2.0, 1.0, 3.0)]
+    for r in rows:
+        r.untrusted = bench.untrusted_reason(r, cores=2)
+    assert bench.trust_warning(rows) == ("WARNING: 1 of 2 figures are not trustworthy (⚠ in the trust column): 1 "
+                                         "with a p20-p80 spread over 30% of the median. Rerun on an idle machine "
+                                         "before quoting them.")
+    assert bench.trust_warning(rows[:1]) is None
+    table = bench.markdown(rows, {"gpu": None, "cpu": "x", "torch_threads": 1, "torch": "t", "triton": None,
+                                  "cuda": None, "commit": None, "time": "now"}, {"device": "cpu", "copy_GBps": 1.0})
+    assert "| ok |" in table and "| ⚠ p20-p80 spread 100% of the median |" in table and "WARNING: 1 of 2" in table
+    rows[0].load1 = 3.0
+    rows[0].untrusted = bench.untrusted_reason(rows[0], cores=2)
+    assert "2 of 2 figures" in bench.trust_warning(rows) and ", 1 timed while the load average exceeded the core " \
+        "count." in bench.trust_warning(rows)
+
+
+def test_plots_give_each_provider_one_colour_everywhere(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real_plot = plt.Axes.plot
+
+    def plot(self, *args, **kw):
+        if "label" in kw:
+            seen.setdefault(kw["label"], set()).add((kw.get("color"), kw.get("marker")))
+        return real_plot(self, *args, **kw)
+
+    monkeypatch.setattr(plt.Axes, "plot", plot)
+    rows = []
+    for op, pass_ in (("purify_gate", "fwd"), ("kgs_loss", "fwd+bwd"), ("train_step", "step")):
+        for provider in (["cpu", "eager"] if op == "kgs_loss" else ["eager", "compile", "cpu"]):
+            for size in (10, 1000):
+                r = _row(1.0 + size / 1000, 1.0, 1.1)
+                r.op, r.pass_, r.provider, r.size, r.pct_copy_bw = op, pass_, provider, size, 50.0
+                rows.append(r)
+    written = bench.plots(rows, str(tmp_path))
+    assert sorted(os.path.basename(p) for p in written) == ["roofline.png", "time.png"]
+    assert all(len(styles) == 1 for styles in seen.values()), seen
+    assert seen["eager"] == {bench.PROVIDER_STYLE["eager"]} and seen["cpu"] == {bench.PROVIDER_STYLE["cpu"]}

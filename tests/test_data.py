@@ -317,6 +317,8 @@ def _magbert_broken(kind):
         obj["dev"] = {"a": 1}
     elif kind == "nan_label":
         obj["train"][2] = ((words, visual, acoustic), np.array([[np.nan]]), seg)
+    elif kind == "far_label":
+        obj["dev"][1] = ((words, visual, acoustic), 100.0, seg)
     return obj
 
 
@@ -334,11 +336,40 @@ def _magbert_broken(kind):
     ("visual_1d", "split 'train' sample 2: visual must be 2-D"),
     ("visual_text", "split 'train' sample 2: visual must be a numeric array"),
     ("split_type", "split 'dev' must be a list of samples"),
-    ("nan_label", "labels are NaN or infinite"),
+    ("nan_label", "bad.pkl: split 'train' sample 2: label is nan"),
+    ("far_label", "bad.pkl: split 'dev' sample 1: label 100 is outside \\[-3, 3\\], the sentiment scale of "
+                  "CMU-MOSI/MOSEI .*label_range=None"),
 ])
 def test_magbert_errors(tmp_path, kind, pattern):
     with pytest.raises(ValueError, match=pattern):
         data.load(write(tmp_path / "bad.pkl", _magbert_broken(kind)))
+
+
+def test_label_range_can_be_lifted_or_narrowed(tmp_path):
+    path = write(tmp_path / "far.pkl", _magbert_broken("far_label"))
+    assert data.load(path, label_range=None).dev.labels[1].item() == 100.0
+    clean = write(tmp_path / "clean.pkl", magbert_object(np.random.default_rng(3), 47, 74))
+    data.load(clean)  # every label of the writer lies in [-3, 3]
+    with pytest.raises(ValueError, match="outside \\[-1, 1\\]"):
+        data.load_magbert_pickle(clean, label_range=(-1, 1))
+    mmsa = mmsa_object(np.random.default_rng(4), d=(8, 5, 7))
+    mmsa["valid"]["regression_labels"][2] = -7.5
+    with pytest.raises(ValueError, match="split 'valid' regression_labels sample 2: label -7.5 is outside"):
+        data.load(write(tmp_path / "mmsa.pkl", mmsa))
+    for bad in ((3, -3), "x", (1, 2, 3)):
+        with pytest.raises(ValueError, match="label_range must be None or"):
+            data.load(clean, label_range=bad)
+
+
+def test_load_for_max_len_applies_max_len_to_magbert_only(tmp_path):
+    mag = write(tmp_path / "mag.pkl", magbert_object(np.random.default_rng(5), 47, 74))
+    mmsa = write(tmp_path / "mmsa.pkl", mmsa_object(np.random.default_rng(6), d=(8, 5, 7), T=(50, 30, 20)))
+    short = data.load_for_max_len(mag, 7)
+    assert short.seq_len == {"text": 7, "audio": 7, "vision": 7} and int(short.train.lengths["text"].max()) == 7
+    stored = data.load_for_max_len(mmsa, 7)
+    assert stored.seq_len == {"text": 50, "audio": 30, "vision": 20}
+    with pytest.raises(ValueError, match="not a MAG-BERT or MMSA pickle"):
+        data.load_for_max_len(write(tmp_path / "list.pkl", [1, 2]), 7)
 
 
 def _mmsa_broken(kind):
@@ -380,7 +411,7 @@ def _mmsa_broken(kind):
     ("labels", "split 'train' has 5 samples but 4 regression_labels"),
     ("ndim", "split 'train' 'text' must be 3-D"),
     ("lengths_n", "'vision_lengths' has 4 entries for 5 samples"),
-    ("nan_label", "split 'test' has 1 NaN/inf regression_labels"),
+    ("nan_label", "split 'test' regression_labels sample 0: label is nan \\(1 NaN/inf label\\)"),
     ("split_type", "split 'valid' must be a dict of arrays"),
 ])
 def test_mmsa_errors(tmp_path, kind, pattern):
@@ -405,7 +436,7 @@ def test_restricted_unpickling_refuses_code(tmp_path):
     path = write(tmp_path / "evil.pkl", _Payload())
     _SIDE_EFFECT.clear()
     with pytest.raises(ValueError, match=r"evil.pkl: the pickle refers to .*_side_effect, which is not plain "
-                                         r"data.*trusted=True"):
+                                         r"data.*trusted=True \(mim-fast train: --trust-data\)"):
         data.load(path)
     assert _SIDE_EFFECT == []  # refused before anything was called
     # trusted=True is plain pickle.load: it runs the callable (here, producing an empty MAG-BERT dict)

@@ -304,8 +304,6 @@ def _bad_calls():
         (dict(yk=yk, yu=yu, y=y, h=h, weights=(1.0, 1.0)), ValueError, "weights must be 4 numbers"),
         (dict(yk=yk, yu=yu, y=y, h=h, weights=1.0), TypeError, "weights must be a sequence"),
         (dict(yk=yk, yu=yu, y=y, h=h, weights=(1.0, float("inf"), 1.0, 1.0)), ValueError, r"weights\[1\]"),
-        (dict(yk=yk, yu=yu, y=y, h=h.double(), backend="triton"), mim_fast.BackendUnavailableError,
-         r"kgs_loss: backend 'triton' cannot run here: .*float64"),
         (dict(yk=yk, yu=yu, y=y, h=h, backend="gpu"), ValueError, "backend must be 'auto' or one of"),
     ]
 
@@ -345,6 +343,18 @@ def _skip_unless_available(backend, dtype=torch.float32):
     reason = _backends.backend_status("kgs_loss", DEVICE[backend], (dtype,))[backend]
     if reason:
         pytest.skip(reason)
+
+
+@pytest.mark.triton
+def test_triton_refuses_float64_with_the_reason():
+    """On the device Triton runs on here (a GPU, or the CPU under the interpreter): float64 is refused,
+    and the error says so. (With CPU tensors on a GPU machine the refusal names the device instead.)"""
+    dev = DEVICE["triton"]
+    if _backends.triton_import_error() or (dev == "cpu" and not _backends.triton_interpreting()):
+        pytest.skip("Triton cannot run on %s here" % dev)
+    yk, yu, y, h = (t.to(dev) for t in make_inputs(3, 4, 5, dtype=torch.float32))
+    with pytest.raises(mim_fast.BackendUnavailableError, match=r"kgs_loss: backend 'triton' cannot run here: .*float64"):
+        mim_fast.kgs_loss(yk, yu, y, h.double(), backend="triton")
 
 
 def run_kgs(backend, yk, yu, y, h, grad_out=None, *, terms=TERMS, **opts):
@@ -643,6 +653,7 @@ def test_fused_float64_and_mixed_dtypes(backend):
     dev = DEVICE[backend]
     yk, yu, y, h = make_inputs(3, 7, 19)
     if backend != "cpu":
+        _skip_unless_available(backend)  # (the device itself must be one the backend runs on)
         reason = _backends.backend_status("kgs_loss", dev, (torch.float64,))[backend]
         assert reason and "float64" in reason  # fp64 is a CPU-only feature, refused with a reason
         with pytest.raises(mim_fast.BackendUnavailableError, match="float64"):
@@ -996,9 +1007,10 @@ def test_triton_heads_chunked_feature_path():
 
     hm, hu, w, b, y = make_head_inputs(3, 5, 700)
     ref = reference.kgs_loss_with_heads(hm, hu, w, b, y, reduction="none")
-    out = tk.kgs_loss_heads_forward(hm, hu, w, b, y, True, 10.0, False, [1.0, 1.0, 1.0, 1.0], "none", 1e-12, False,
-                                    False, block_d=256)
-    assert torch.equal(out[5], ref.teacher)
+    dev = DEVICE["triton"]  # the launcher is called directly: inputs on the device Triton runs on
+    out = tk.kgs_loss_heads_forward(*(t.to(dev) for t in (hm, hu, w, b, y)), True, 10.0, False, [1.0, 1.0, 1.0, 1.0],
+                                    "none", 1e-12, False, False, block_d=256)
+    assert torch.equal(out[5].cpu(), ref.teacher)
     for i, k in enumerate(TERMS):
         _close(out[i], getattr(ref, k), k)
 
@@ -1047,3 +1059,34 @@ def test_backward_when_the_reached_terms_touch_no_input_that_requires_grad(backe
     out = mim_fast.kgs_loss(yk, yu, y, h.requires_grad_(), reduction=reduction, backend=backend)
     (out.masked.sum() if reduction == "none" else out.masked).backward()  # masked never reaches h
     assert yk.grad is not None and h.grad is None
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_gives_zero_terms(backend, reduction):
+    """Issue 15, item 10: B = 0 gives every term 0 (or (0,) with reduction "none"), not NaN, teacher (0,)
+    and alpha (M, 0), on kgs_loss and kgs_loss_with_heads; the backward runs."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    M, D = 3, 6
+    yk, yu, y = (torch.randn(M, 0, device=dev, requires_grad=True), torch.randn(M, 0, device=dev, requires_grad=True),
+                 torch.randn(0, device=dev, requires_grad=True))
+    h = torch.randn(M, 0, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    out = mim_fast.kgs_loss(yk, yu, y, h, reduction=reduction, backend=backend)
+    heads_backend = backend if backend != "cuda" else "triton"
+    w, b = torch.randn(M, D, device=dev), torch.randn(M, device=dev)
+    out_h = mim_fast.kgs_loss_with_heads(h, h.detach().clone(), w, b, y, reduction=reduction, backend=heads_backend) \
+        if _backends.backend_status("kgs_loss_with_heads", dev, (torch.float32,))[heads_backend] is None else None
+    for o in (out, out_h):
+        if o is None:
+            continue
+        shape = (0,) if reduction == "none" else ()
+        for k in TERMS:
+            t = getattr(o, k)
+            assert t.shape == shape and t.dtype == torch.float32 and not torch.isnan(t).any(), k
+            if reduction != "none":
+                assert float(t) == 0.0, k
+        assert o.teacher.shape == (0,) and o.teacher.dtype == torch.int64 and o.alpha.shape == (M, 0)
+    (out.loss.sum() + out.inter.sum()).backward()
+    assert yk.grad.shape == yk.shape and h.grad.shape == h.shape

@@ -103,6 +103,15 @@ def test_cpu_kernel_rejects_bad_counters():
         torch.ops.mim_fast.philox_uniform(torch.zeros(3, dtype=torch.int32), 1)
 
 
+def _triton_device() -> str:
+    """Where Triton runs here: the GPU, or the CPU under TRITON_INTERPRET=1 (else the test is skipped)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = _backends.needs_triton(torch.device(device), ())
+    if reason:
+        pytest.skip(reason)
+    return device
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_tl_rand_matches_reference():
@@ -115,7 +124,7 @@ def test_triton_tl_rand_matches_reference():
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + idx, tl.rand(seed, offset + idx), mask=idx < n)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _triton_device()
     n = 3000
     for seed, offset in [(0, 0), (random.randrange(2**31), random.randrange(2**30)),
                          (random.randrange(2**32, 2**63), random.randrange(2**30))]:
@@ -128,7 +137,7 @@ def test_triton_tl_rand_matches_reference():
 @pytest.mark.triton
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_backend_matches_reference_with_64bit_counters():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _triton_device()
     for seed, offset in [(random.randrange(2**63), 2**32 - 1000), (random.randrange(2**63), random.randrange(2**60))]:
         out = mim_fast.philox_uniform(seed, offset, (37, 61), device=device, backend="triton")
         ref = reference.philox_uniform(seed, offset, (37, 61), device=device)

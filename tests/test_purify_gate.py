@@ -394,6 +394,7 @@ def test_fused_backend_float64_and_mixed_dtypes(backend):
     x, logits, noise, lens = x.to(dev), logits.to(dev), noise.to(dev), lens.to(dev)
     G, w = torch.randn(B, D, dtype=torch.float64, device=dev), 0.7
     if backend != "cpu":
+        _skip_unless_available(backend)  # (the device itself must be one the backend runs on)
         reason = _backends.backend_status("purify_gate", dev, (torch.float64,))[backend]
         assert reason and "float64" in reason  # fp64 is a CPU-only feature, refused with a reason
         pytest.skip(reason)
@@ -542,9 +543,41 @@ def test_opcheck(backend):
         bargs = (torch.randn(x.shape[1], x.shape[2], device=dev), torch.tensor(0.3, device=dev), x, out[2], out[3],
                  out[4], out[5], args[3], args[7])
         torch.library.opcheck(bwd, bargs)
+        torch.library.opcheck(bwd, bargs + (False,))  # ∂L/∂x not wanted: a (0,) tensor
     # a batch-first view of x: the op reads strides and returns a gradient of the same layout
     xb = torch.randn(3, 7, 10, device=dev).transpose(0, 1).requires_grad_()
     torch.library.opcheck(fwd, (xb,) + _op_samples(dev)[0][1:])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_backward_without_x_gradient(backend, batch_first):
+    """x frozen (MIM's mask-learner update differentiates w.r.t. the logits only): the fused backward
+    computes no ∂L/∂x — the op returns a (0,) tensor — and ∂L/∂logits is the same, bit for bit, as when
+    x needs a gradient too (the same reduction, in the same order)."""
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    T, B, D = 11, 3, 70
+    x, logits, _, lens = make_inputs(T, B, D, dtype=torch.float32, batch_first=batch_first, lengths=True)
+    x, logits, lens = x.to(dev), logits.to(dev), lens.to(dev)
+    G = torch.randn(B, D, device=dev)
+    opts = dict(seed=int(torch.randint(0, 2**62, ())), lengths=lens, batch_first=batch_first)
+    both = run_gate(backend, x, logits, G, 0.4, **opts)
+    lg = logits.clone().requires_grad_()
+    out = mim_fast.purify_gate(x, lg, backend=backend, **opts)
+    torch.autograd.backward([out.pooled, out.penalty], [G, torch.tensor(0.4, device=dev)])
+    assert torch.equal(lg.grad, both[4])
+    ref = run_gate("torch", x, logits, G, 0.4, **opts)
+    torch.testing.assert_close(lg.grad, ref[4], rtol=1e-4, atol=1e-5)
+
+    ops = {"triton": (torch.ops.mim_fast.purify_gate_forward_triton, torch.ops.mim_fast.purify_gate_backward_triton)}
+    fwd, bwd = ops.get(backend, (torch.ops.mim_fast.purify_gate_forward, torch.ops.mim_fast.purify_gate_backward))
+    xs = x.transpose(0, 1) if batch_first else x
+    saved = fwd(xs, logits, None, lens, 3, 0, "sample", "tanh", 3.0, 1 / 3, 1.2, -0.2, 0.6, -0.5)
+    gx, gl = bwd(G, torch.tensor(0.4, device=dev), xs, saved[2], saved[3], saved[4], saved[5], lens, "tanh", False)
+    gx_full, gl_full = bwd(G, torch.tensor(0.4, device=dev), xs, saved[2], saved[3], saved[4], saved[5], lens, "tanh")
+    assert gx.shape == (0,) and gx_full.shape == xs.shape
+    assert torch.equal(gl, gl_full)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -613,6 +646,99 @@ def test_fused_backend_propagates_nonfinite_features_like_the_reference(backend,
     assert torch.isnan(got[0][0, 3]) and torch.isnan(got[0][2, 7])
 
 
+# ----------------------------------------------------------------------------------------------------
+# One NaN policy on every backend (the reference's docstring): NaN in, NaN out as SPEC §1's formulas
+# compute it; the clamp's indicator selects; padding is never read.
+# ----------------------------------------------------------------------------------------------------
+NAN = float("nan")
+
+
+def _grads_of(backend, x, logits, *, G, w, **opts):
+    xg, lg = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = mim_fast.purify_gate(xg, lg, backend=backend, **opts)
+    torch.autograd.backward([out.pooled, out.penalty], [G, torch.tensor(w, device=x.device)])
+    return out, xg.grad, lg.grad
+
+
+def _same(got, want, what):
+    got, want = got.detach().cpu(), want.detach().cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (what, got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=what)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("mode", ["expected", "sample"])
+def test_nan_logit_makes_the_gate_and_the_sample_nan(backend, mode):
+    """Issue 15, item 7: a NaN logit at a valid step: gate NaN there, pooled NaN in every feature of that
+    sample (z = c + sg(h − c) is NaN), the other sample untouched; ∂L/∂x NaN at that step, ∂L/∂logits NaN
+    at that logit only."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    x = torch.randn(3, 2, 4, device=dev)
+    logits = torch.tensor([[NAN, 5.0, -9.0], [1.0, -2.0, 6.0]], device=dev)
+    G = torch.randn(2, 4, device=dev)
+    out, gx, gl = _grads_of(backend, x, logits, G=G, w=0.0, mode=mode, seed=3)
+    ref, rgx, rgl = _grads_of("torch", x.cpu(), logits.cpu(), G=G.cpu(), w=0.0, mode=mode, seed=3)
+    assert torch.isnan(out.gate[0, 0]) and not torch.isnan(out.gate[0, 1:]).any() and not torch.isnan(out.gate[1]).any()
+    assert torch.isnan(out.pooled[0]).all() and not torch.isnan(out.pooled[1]).any()
+    assert torch.isnan(gx[0, 0]).all() and not torch.isnan(gx[1:, 0]).any() and not torch.isnan(gx[:, 1]).any()
+    assert torch.isnan(gl[0, 0]) and not torch.isnan(gl[0, 1:]).any() and not torch.isnan(gl[1]).any()
+    for a, b, what in ((out.gate, ref.gate, "gate"), (out.pooled, ref.pooled, "pooled"), (gx, rgx, "dx"),
+                       (gl, rgl, "dlogits")):
+        _same(a, b, what)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("bad", [NAN, -float("inf"), float("inf")])
+def test_nonfinite_feature_at_a_clamped_step_gives_its_logit_no_gradient(backend, bad):
+    """Issue 15, item 8: a NaN/±inf feature at a step whose gate is clamped closed (s̄ < 0): pooled is NaN
+    (x·0), but the clamp passes no gradient, so ∂L/∂logits there is 0, not NaN·0."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    x = torch.randn(3, 1, 5, device=dev)
+    x[1, 0, 2] = bad
+    logits = torch.tensor([[4.0, -30.0, 4.0]], device=dev)  # step 1: s̄ = (ζ−γ)·σ(−27) + γ < 0
+    G = torch.randn(1, 5, device=dev)
+    out, gx, gl = _grads_of(backend, x, logits, G=G, w=0.0, mode="expected")
+    assert out.gate.tolist() == [[1.0, 0.0, 1.0]] and torch.isnan(out.pooled[0, 2])
+    assert float(gl[0, 1]) == 0.0, gl
+    ref, rgx, rgl = _grads_of("torch", x.cpu(), logits.cpu(), G=G.cpu(), w=0.0, mode="expected")
+    for a, b, what in ((out.pooled, ref.pooled, "pooled"), (gx, rgx, "dx"), (gl, rgl, "dlogits")):
+        _same(a, b, what)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_padding_is_never_read_whatever_it_holds(backend):
+    """Issue 15, item 9: NaN/inf logits and features at padding (t ≥ lengths[b]) change nothing: the
+    outputs and gradients equal those of the same call with finite padding, and padding gets exactly
+    zero gradient."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    T, B, D = 6, 3, 7
+    x, logits, noise, _ = make_inputs(T, B, D, dtype=torch.float32)
+    lens = torch.tensor([4, 0, 6])
+    x, logits, noise = x.to(dev), logits.to(dev), noise.to(dev)
+    dirty_x, dirty_l, dirty_u = x.clone(), logits.clone(), noise.clone()
+    dirty_x[4:, 0] = NAN
+    dirty_x[:, 1, 0] = float("inf")
+    dirty_l[0, 4:] = NAN
+    dirty_l[1, :] = float("inf")
+    dirty_u[0, 5] = 0.999  # (NaN noise is refused at any step by the argument check)
+    G = torch.randn(B, D, device=dev)
+    for opts in (dict(mode="expected"), dict(noise=noise), dict(seed=9)):
+        u = opts.pop("noise", None)
+        clean = _grads_of(backend, x, logits, G=G, w=0.7, lengths=lens.to(dev), noise=u, **opts)
+        dirty = _grads_of(backend, dirty_x, dirty_l, G=G, w=0.7, lengths=lens.to(dev),
+                          noise=dirty_u if u is not None else None, **opts)
+        for a, b, what in zip(dirty[0] + dirty[1:], clean[0] + clean[1:], ("pooled", "penalty", "gate", "dx", "dl")):
+            assert torch.equal(a, b), (what, opts)
+        assert not dirty[1][4:, 0].any() and not dirty[1][:, 1].any() and not dirty[2][0, 4:].any() \
+            and not dirty[2][1].any()
+
+
 @pytest.mark.cuda
 def test_cuda_gate_math_bit_identical_to_cpu_at_op_level():
     """The op's gate, ste and dq outputs are pure IEEE gate math: CPU and GPU must agree bit for bit."""
@@ -659,3 +785,23 @@ def test_lengths_beyond_T_on_an_unchecked_path_are_clamped():
                                                      -0.2, 0.6, (1 / 3) * math.log(0.2))
         torch.testing.assert_close(out[0], ref.pooled)
         torch.testing.assert_close(out[1], ref.penalty)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_batch_gives_empty_results(backend, batch_first):
+    """Issue 15, item 10: B = 0 (an empty rank, a filtered batch) is not an error: pooled (0, D), penalty
+    exactly 0 (not 0/0), gate (0, T), and the backward runs (empty gradients, 0 for the penalty)."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    T, D = 5, 7
+    x = torch.randn((0, T, D) if batch_first else (T, 0, D), device=dev, dtype=torch.bfloat16, requires_grad=True)
+    logits = torch.randn(0, T, device=dev, requires_grad=True)
+    for opts in (dict(seed=3), dict(mode="expected"), dict(lengths=torch.zeros(0, dtype=torch.int64))):
+        out = mim_fast.purify_gate(x, logits, backend=backend, batch_first=batch_first, **opts)
+        assert out.pooled.shape == (0, D) and out.pooled.dtype == torch.bfloat16
+        assert out.gate.shape == (0, T) and out.penalty.shape == () and float(out.penalty) == 0.0
+        (out.pooled.float().sum() + out.penalty).backward()
+        assert x.grad.shape == x.shape and logits.grad.shape == logits.shape
+    assert mim_fast.purify_gate(x, logits, backend=backend, batch_first=batch_first).pooled.shape == (0, D)

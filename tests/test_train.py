@@ -106,8 +106,13 @@ def test_training_learns_and_writes_the_run_folder(tmp_path):
     cfg = tiny_config(tmp_path, epochs=4, lr=1e-2, d_model=16, synthetic={**TINY["synthetic"], "n_train": 512})
     result = T.run(cfg, progress=False, log=lambda *a: None)
     out = tmp_path / "run"
-    for name in ("config.json", "metrics.json", "checkpoint.pt", "best.pt", "curves.png", "gates.png"):
+    for name in ("config.json", "metrics.json", "checkpoint-epoch0004.pt", "checkpoint-epoch0003.pt",
+                 "checkpoint-epoch0002.pt", "best.pt", "curves.png", "gates.png"):
         assert (out / name).exists(), name
+    assert not (out / "checkpoint-epoch0001.pt").exists()  # the last 3 are kept
+    assert sorted(os.listdir(out)) == sorted(["config.json", "metrics.json", "checkpoint-epoch0004.pt",
+                                              "checkpoint-epoch0003.pt", "checkpoint-epoch0002.pt", "best.pt",
+                                              "curves.png", "gates.png"])  # no temporaries left
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["best"]["epoch"] == result["best"]["epoch"]
     assert len(saved["history"]) == 4
@@ -123,13 +128,13 @@ def test_resume_after_an_interrupted_epoch_reproduces_the_uninterrupted_run(tmp_
     steps_per_epoch = 96 // 16
     partial = T.run(cfg, progress=False, log=lambda *a: None, stop_after_steps=2 * steps_per_epoch + 2)
     assert partial["interrupted_at_epoch"] == 3
-    resumed = T.run(tiny_config(tmp_path / "b", epochs=3), resume=True, progress=False, log=lambda *a: None)
+    resumed = T.resume(str(tmp_path / "b" / "run"), progress=False, log=lambda *a: None)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     for a, b in zip(full["history"], resumed["history"]):
         assert a["train"] == b["train"] and a["dev"]["l1"] == b["dev"]["l1"]
         assert a["test"]["mae_all"] == b["test"]["mae_all"]
-    a_model = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=False)["model"]
-    b_model = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["model"]
+    a_model = torch.load(tmp_path / "a" / "run" / "checkpoint-epoch0003.pt", weights_only=True)["model"]
+    b_model = torch.load(tmp_path / "b" / "run" / "checkpoint-epoch0003.pt", weights_only=True)["model"]
     for k in a_model:
         assert torch.equal(a_model[k], b_model[k]), k
 
@@ -140,8 +145,8 @@ def test_run_folder_is_not_overwritten_unless_asked(tmp_path):
     with pytest.raises(T.RunFolderExists, match="--overwrite"):
         T.run(cfg, progress=False, log=lambda *a: None)
     T.run(cfg, overwrite=True, progress=False, log=lambda *a: None)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        T.run(tiny_config(tmp_path / "empty", epochs=1), resume=True, progress=False, log=lambda *a: None)
+    with pytest.raises(T.RunFolderError, match="is not a folder"):
+        T.resume(str(tmp_path / "empty"), progress=False, log=lambda *a: None)
 
 
 @pytest.mark.parametrize("option", [dict(optimizer="joint"), dict(per_sample=False), dict(eval_gate="sample"),
@@ -261,7 +266,10 @@ def test_cli_preset_and_flags(monkeypatch):
     assert d.preset == "mim" and set(d.overrides()) == set(upn)
     assert all(getattr(d, k) == T.PRESETS["demo"][k] for k in upn)
     assert e.overrides() == {"mask_residual": False, "penalty_scale": "sample", "penalty_warmup": 2.0}
-    assert cli.main(["train", "--preset", "mim", "--mask-ratio", "0"]) == 2  # a config error, not a traceback
+    with pytest.raises(SystemExit) as exit_:  # an argument error: one line, status 2
+        cli.main(["train", "--preset", "mim", "--mask-ratio", "0"])
+    assert exit_.value.code == 2
+    assert cli.main(["train", "--preset", "mim", "--d-model", "9"]) == 2  # a config error: heads 5 do not divide 9
 
 
 def test_penalty_options_of_the_upn_investigation(tmp_path):

@@ -34,6 +34,11 @@ class DataFileNotFoundError(FileNotFoundError, ValueError):
     """The data file does not exist (catchable as FileNotFoundError or ValueError)."""
 
 
+# The sentiment scale of CMU-MOSI / CMU-MOSEI (and CH-SIMS's [-1, 1] lies within it): a label outside it
+# means a corrupt or mislabelled file. ``label_range=None`` lifts the check.
+LABEL_RANGE = (-3.0, 3.0)
+
+
 class NonFiniteFeatureWarning(UserWarning):
     """NaN/inf feature values were replaced by 0 while loading (see ``nonfinite=``)."""
 
@@ -88,7 +93,7 @@ def read_pickle(path, *, trusted: bool = False):
             return unpickler.load()
         except _RefusedGlobal as e:
             raise _err(path, "the pickle refers to %s, which is not plain data (lists, dicts, numpy arrays); "
-                             "refusing to run it. If you trust this file, pass trusted=True" % e) from None
+                             "refusing to run it. If you trust this file, pass trusted=True (mim-fast train: --trust-data)" % e) from None
         except EOFError:
             raise _err(path, "is empty or truncated (pickle data ended early)") from None
         except Exception as e:  # pickle reports corruption as many exception types
@@ -163,14 +168,46 @@ def _float_array(value, path, where: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def _label(value, path, where: str) -> float:
+def _label(value, path, where: str, label_range) -> float:
     try:
         arr = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise _err(path, "%s: label must be a number or a one-element array; got %r" % (where, value)) from None
     if arr.size != 1:
         raise _err(path, "%s: label must have exactly one value; got shape %s" % (where, np.shape(value)))
+    _check_labels(arr, path, where, label_range)
     return float(arr[0])
+
+
+def _check_label_range(label_range) -> None:
+    if label_range is not None:
+        try:
+            lo, hi = (float(v) for v in label_range)
+        except (TypeError, ValueError):
+            lo = hi = float("nan")
+        if not lo <= hi:
+            raise ValueError("label_range must be None or (low, high) with low <= high; got %r" % (label_range,))
+
+
+def _check_labels(labels: np.ndarray, path, where: str, label_range, sample_offset: int = 0) -> None:
+    """Refuse NaN/inf labels and labels outside ``label_range``, naming the file, split and first sample.
+    ``where`` names the sample (MAG-BERT) or the split (MMSA, then the first bad index is appended)."""
+    bad = ~np.isfinite(labels)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise _err(path, "%s%s: label is %s (%d NaN/inf label%s)" % (
+            where, "" if labels.size == 1 else " sample %d" % (first + sample_offset), labels[first],
+            int(bad.sum()), "" if bad.sum() == 1 else "s"))
+    if label_range is None:
+        return
+    lo, hi = label_range
+    out = (labels < lo) | (labels > hi)
+    if out.any():
+        first = int(np.argmax(out))
+        raise _err(path, "%s%s: label %g is outside [%g, %g], the sentiment scale of CMU-MOSI/MOSEI (%d label%s "
+                         "outside); pass label_range=None to load it anyway" % (
+                             where, "" if labels.size == 1 else " sample %d" % (first + sample_offset),
+                             labels[first], lo, hi, int(out.sum()), "" if out.sum() == 1 else "s"))
 
 
 def _word(w) -> str:
@@ -186,8 +223,8 @@ def _global_index(sizes: Sequence[int]) -> List[np.ndarray]:
 
 # -- MAG-BERT ------------------------------------------------------------------------------------------
 
-def load_magbert_pickle(path, max_len: int = 50, *, nonfinite: str = "zero",
-                        trusted: bool = False) -> MultimodalData:
+def load_magbert_pickle(path, max_len: int = 50, *, nonfinite: str = "zero", trusted: bool = False,
+                        label_range=LABEL_RANGE) -> MultimodalData:
     """Load a MAG-BERT pickle (the MOSI/MOSEI files MIM reads) as token-id text + audio + vision.
 
     Each sample ``((words, visual (L, d_v), acoustic (L, d_a)), label, segment)`` is word-aligned: the three
@@ -207,17 +244,19 @@ def load_magbert_pickle(path, max_len: int = 50, *, nonfinite: str = "zero",
 
     Raises ValueError (naming the file) for a missing/unreadable/corrupt file, a pickle of another format,
     a missing or empty split, a malformed sample, modalities of different L within a sample, a visual or
-    acoustic width that differs from the first sample's, or non-numeric features. See the module docstring
-    on the safety of unpickling (``trusted``).
+    acoustic width that differs from the first sample's, non-numeric features, or a label that is NaN/inf
+    or outside ``label_range`` (default [-3, 3], MOSI/MOSEI's scale; None: no range check) — naming the
+    split and sample. See the module docstring on the safety of unpickling (``trusted``).
     """
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError("max_len must be an int >= 1; got %r" % (max_len,))
     _check_nonfinite(nonfinite)
+    _check_label_range(label_range)
     obj = read_pickle(path, trusted=trusted)
-    return _from_magbert(obj, os.fspath(path), max_len, nonfinite)
+    return _from_magbert(obj, os.fspath(path), max_len, nonfinite, label_range)
 
 
-def _from_magbert(obj, path, max_len: int, nonfinite: str) -> MultimodalData:
+def _from_magbert(obj, path, max_len: int, nonfinite: str, label_range=LABEL_RANGE) -> MultimodalData:
     fix = _NonFinite(path, nonfinite)
     if detect_format(obj) != "magbert":
         raise _err(path, "not a MAG-BERT pickle: expected a dict {'train'|'dev'|'test': [((words, visual, "
@@ -254,7 +293,7 @@ def _from_magbert(obj, path, max_len: int, nonfinite: str) -> MultimodalData:
                 elif arr.shape[1] != dims[m][0]:
                     raise _err(path, "inconsistent %s width: %s has %d features but %s has %d"
                                % (m, where, arr.shape[1], dims[m][1], dims[m][0]))
-            rows.append((words, visual, acoustic, _label(label, path, where), segment))
+            rows.append((words, visual, acoustic, _label(label, path, where, label_range), segment))
         parsed[split] = rows
 
     vocab = {PAD_TOKEN: PAD_ID, UNK_TOKEN: UNK_ID}
@@ -309,7 +348,8 @@ _MMSA_SPLITS = (("train", ("train",)), ("dev", ("valid", "dev")), ("test", ("tes
 _MMSA_REQUIRED = ("text", "audio", "vision", "regression_labels")
 
 
-def load_mmsa_pickle(path, *, nonfinite: str = "zero", trusted: bool = False) -> MultimodalData:
+def load_mmsa_pickle(path, *, nonfinite: str = "zero", trusted: bool = False,
+                     label_range=LABEL_RANGE) -> MultimodalData:
     """Load an MMSA pickle (aligned or unaligned) as float text features + audio + vision.
 
     Splits "train", "valid" (-> dev; "dev" is accepted too) and "test", each a dict with "text"
@@ -323,12 +363,13 @@ def load_mmsa_pickle(path, *, nonfinite: str = "zero", trusted: bool = False) ->
         non-zero entries of its attention-mask row text_bert[:, 1, :] (exactly how MMSA's models derive
         text lengths); else all T_l. Note the BERT features include the [CLS] and [SEP] positions.
 
-    "id" (N,) becomes the split's ``ids``; other keys are ignored. ``nonfinite`` and the errors are as in
-    :func:`load_magbert_pickle` (MMSA's own loader zeroes -inf audio values too).
+    "id" (N,) becomes the split's ``ids``; other keys are ignored. ``nonfinite``, ``label_range`` and the
+    errors are as in :func:`load_magbert_pickle` (MMSA's own loader zeroes -inf audio values too).
     """
     _check_nonfinite(nonfinite)
+    _check_label_range(label_range)
     obj = read_pickle(path, trusted=trusted)
-    return _from_mmsa(obj, os.fspath(path), nonfinite)
+    return _from_mmsa(obj, os.fspath(path), nonfinite, label_range)
 
 
 def _lengths(value, path, where: str, n: int, T: int) -> np.ndarray:
@@ -353,7 +394,7 @@ def _lengths(value, path, where: str, n: int, T: int) -> np.ndarray:
     return arr
 
 
-def _from_mmsa(obj, path, nonfinite: str) -> MultimodalData:
+def _from_mmsa(obj, path, nonfinite: str, label_range=LABEL_RANGE) -> MultimodalData:
     fix = _NonFinite(path, nonfinite)
     if detect_format(obj) != "mmsa":
         raise _err(path, "not an MMSA pickle: expected a dict {'train'|'valid'|'test': {'text', 'audio', "
@@ -394,9 +435,7 @@ def _from_mmsa(obj, path, nonfinite: str) -> MultimodalData:
             raise _err(path, "split %r 'regression_labels' must be numeric" % key) from None
         if labels.size != n:
             raise _err(path, "split %r has %d samples but %d regression_labels" % (key, n, labels.size))
-        if not np.all(np.isfinite(labels)):
-            raise _err(path, "split %r has %d NaN/inf regression_labels"
-                       % (key, int(np.count_nonzero(~np.isfinite(labels)))))
+        _check_labels(labels, path, "split %r regression_labels" % key, label_range)
         lengths = {}
         for m in ("audio", "vision"):
             if d.get(m + "_lengths") is not None:
@@ -436,18 +475,19 @@ def _from_mmsa(obj, path, nonfinite: str) -> MultimodalData:
 # -- dispatch ------------------------------------------------------------------------------------------
 
 def load(path, *, format: str = "auto", max_len: Optional[int] = None, nonfinite: str = "zero",
-         trusted: bool = False) -> MultimodalData:
+         trusted: bool = False, label_range=LABEL_RANGE) -> MultimodalData:
     """Load a MOSI/MOSEI pickle in either published format.
 
     ``format``: "auto" (from the structure: a dict whose "train" is a list of samples is MAG-BERT, a dict
     whose "train" is a dict of arrays is MMSA), "magbert" or "mmsa". ``max_len`` (default 50) is the
     padded length of MAG-BERT files; MMSA files are stored padded, so passing it for one is an error.
-    ``nonfinite`` and ``trusted``: see :func:`load_magbert_pickle` and the module docstring (unpickling a
-    file from an untrusted source is unsafe).
+    ``nonfinite``, ``trusted`` and ``label_range``: see :func:`load_magbert_pickle` and the module
+    docstring (unpickling a file from an untrusted source is unsafe).
     """
     if format not in ("auto", "magbert", "mmsa"):
         raise ValueError("format must be 'auto', 'magbert' or 'mmsa'; got %r" % (format,))
     _check_nonfinite(nonfinite)
+    _check_label_range(label_range)
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ValueError("max_len must be an int >= 1; got %r" % (max_len,))
     obj = read_pickle(path, trusted=trusted)
@@ -457,7 +497,27 @@ def load(path, *, format: str = "auto", max_len: Optional[int] = None, nonfinite
         raise _err(path, "not a MAG-BERT or MMSA pickle: expected a dict with 'train', 'dev'/'valid' and "
                          "'test' splits (lists of samples or dicts of arrays); got %s" % _describe(obj))
     if fmt == "magbert":
-        return _from_magbert(obj, path, 50 if max_len is None else max_len, nonfinite)
+        return _from_magbert(obj, path, 50 if max_len is None else max_len, nonfinite, label_range)
     if max_len is not None:
         raise ValueError("max_len applies to MAG-BERT pickles only; %s is an MMSA pickle, stored padded" % path)
-    return _from_mmsa(obj, path, nonfinite)
+    return _from_mmsa(obj, path, nonfinite, label_range)
+
+
+def load_for_max_len(path, max_len: int, *, nonfinite: str = "zero", trusted: bool = False,
+                     label_range=LABEL_RANGE) -> MultimodalData:
+    """Load either format, reading the file once: a MAG-BERT pickle padded/truncated to ``max_len`` words,
+    an MMSA pickle as stored (its sequences are padded when written; ``max_len`` does not apply to it).
+    What ``mim-fast train`` uses, whose config always carries a ``max_len``."""
+    _check_nonfinite(nonfinite)
+    _check_label_range(label_range)
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError("max_len must be an int >= 1; got %r" % (max_len,))
+    obj = read_pickle(path, trusted=trusted)
+    path = os.fspath(path)
+    fmt = detect_format(obj)
+    if fmt == "magbert":
+        return _from_magbert(obj, path, max_len, nonfinite, label_range)
+    if fmt == "mmsa":
+        return _from_mmsa(obj, path, nonfinite, label_range)
+    raise _err(path, "not a MAG-BERT or MMSA pickle: expected a dict with 'train', 'dev'/'valid' and "
+                     "'test' splits (lists of samples or dicts of arrays); got %s" % _describe(obj))

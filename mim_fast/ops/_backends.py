@@ -6,6 +6,7 @@ backend in the device's preference order that can serve; an explicit backend tha
 raises :class:`BackendUnavailableError` with its reason, and when nothing can serve the error lists
 every backend with its reason.
 """
+import functools
 import importlib.util
 import os
 from typing import Callable, Dict, Iterable, List, Optional
@@ -31,6 +32,7 @@ _REGISTRY: Dict[str, Dict[str, tuple]] = {}
 def register(op: str, backend: str, fn: Callable, reason: Reason) -> None:
     assert backend in BACKENDS, backend
     _REGISTRY.setdefault(op, {})[backend] = (fn, reason)
+    _status_cached.cache_clear()
 
 
 def ops() -> List[str]:
@@ -42,7 +44,9 @@ def always(device, dtypes) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def triton_import_error() -> Optional[str]:
+    # cached: find_spec walks sys.path with a stat() per entry (~25 µs), and this is asked on every call
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     return None
@@ -101,10 +105,26 @@ def all_of(*reasons: Reason) -> Reason:
 
 
 # --- dispatch ---------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result
-def _status(op: str, device_type: str, dtypes: tuple) -> tuple:
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does (it sets this one attribute, torch 2.4-2.14),
+    without its ``import torch._dynamo``: that import costs ~0.9 s, every `import mim_fast` paid it, and
+    `mim-fast --help` took 3.6 s. tests/test_cli.py checks that it matches the real decorator."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def _status(op: str, device_type: str, dtypes: tuple, interpreting: bool) -> tuple:
     # Under torch.compile this runs once, at trace time: the answer is a property of the installation
     # (what is built, which device), not of the data, so dispatch adds no graph break.
+    return _status_cached(op, device_type, dtypes, interpreting)
+
+
+@functools.lru_cache(maxsize=1024)
+def _status_cached(op: str, device_type: str, dtypes: tuple, interpreting: bool) -> tuple:
+    # Cached (every op call asks): the answer depends only on the arguments — `interpreting` is
+    # TRITON_INTERPRET's state, passed in so that a change of it is a new question — and on the registry
+    # (register() clears the cache).
     device = torch.device(device_type)
     impls = _REGISTRY.get(op, {})
     return tuple(impls[name][1](device, dtypes) if name in impls else "mim_fast has no %s kernel for %s yet" % (name, op)
@@ -113,7 +133,7 @@ def _status(op: str, device_type: str, dtypes: tuple) -> tuple:
 
 def backend_status(op: str, device="cpu", dtypes: Iterable[torch.dtype] = ()) -> Dict[str, Optional[str]]:
     """{backend: None if it can serve op on device with dtypes, else the reason it cannot}."""
-    return dict(zip(BACKENDS, _status(op, torch.device(device).type, tuple(dtypes))))
+    return dict(zip(BACKENDS, _status(op, torch.device(device).type, tuple(dtypes), triton_interpreting())))
 
 
 def select(op: str, backend: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> Callable:

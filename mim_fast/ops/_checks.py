@@ -32,8 +32,13 @@ def float_tensor(name: str, value, *, ndim: Optional[int] = None, layout: str = 
     return value
 
 
-def same_shape(name: str, value: torch.Tensor, expected, layout: str) -> None:
+def same_shape(name: str, value: torch.Tensor, expected, layout: str, other_shape=None) -> None:
+    """Raise unless value.shape == expected. ``other_shape`` (the shape value must match) is appended to
+    the message. Messages are built only on failure: under torch.compile with dynamic shapes, formatting a
+    symbolic size is a graph break."""
     if tuple(value.shape) != tuple(expected):
+        if other_shape is not None:
+            layout = "%s %s" % (layout, shape_str(other_shape))
         raise ValueError("%s must have shape %s %s; got %s" % (name, shape_str(expected), layout,
                                                               shape_str(value.shape)))
 

@@ -69,7 +69,6 @@ def kgs_loss(
     M, B = yk.shape
     if M < 2:
         raise ValueError("yk must have M >= 2 modalities (shape (M, B)); got M=%d" % M)
-    _checks.nonempty("yk", {"B": B})
     _checks.float_tensor("yu", yu, ndim=2, layout="(M, B)")
     _checks.same_shape("yu", yu, (M, B), "(M, B) to match yk")
     _checks.float_tensor("y", y, ndim=1, layout="(B,)")
@@ -92,8 +91,25 @@ def kgs_loss(
     weights = tuple(_checks.real("weights[%d]" % i, w) for i, w in enumerate(weights))
 
     impl = _backends.select("kgs_loss", backend, yk.device, (yk.dtype, yu.dtype, y.dtype, h.dtype))
+    if B == 0:
+        return _empty_batch((yk, yu, y, h), M, reduction)
     return impl(yk, yu, y, h, per_sample=bool(per_sample), kd_scale=kd_scale, kd_divide_T=bool(kd_divide_T),
                 weights=weights, reduction=reduction, eps=eps)
+
+
+def _empty_batch(inputs, M: int, reduction: str) -> KGSLossOutput:
+    """B = 0 (an empty rank of a multi-process run, a filtered batch): every term 0 ("mean" and "sum") or
+    (0,) ("none"), teacher (0,), alpha (M, 0); each term is connected to every empty input (empty
+    gradients). The heads' weight and bias (not empty) get no gradient: no sample used them."""
+    dtype = inputs[0].dtype
+    for t in inputs[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    total = sum(t.sum() for t in inputs if t.numel() == 0).to(dtype)     # exactly 0
+    term = total if reduction != "none" else total.expand(0)              # (0,) for "none"
+    ref = inputs[0]
+    return KGSLossOutput(term, term.clone(), term.clone(), term.clone(), term.clone(),
+                         torch.empty((0,), dtype=torch.int64, device=ref.device),
+                         ref.detach().new_zeros((M, 0), dtype=dtype))
 
 
 _backends.register("kgs_loss", "torch", reference.kgs_loss, _backends.always)
@@ -277,7 +293,7 @@ def kgs_loss_with_heads(
     M, B, D = h_masked.shape
     if M < 2:
         raise ValueError("h_masked must have M >= 2 modalities (shape (M, B, D)); got M=%d" % M)
-    _checks.nonempty("h_masked", {"B": B, "D": D})
+    _checks.nonempty("h_masked", {"D": D})  # B = 0: empty results, as kgs_loss
     _checks.float_tensor("h_unmasked", h_unmasked, ndim=3, layout="(M, B, D)")
     _checks.same_shape("h_unmasked", h_unmasked, (M, B, D), "(M, B, D) to match h_masked")
     if h_unmasked.dtype != h_masked.dtype:
@@ -301,6 +317,8 @@ def kgs_loss_with_heads(
     weights = tuple(_checks.real("weights[%d]" % i, w) for i, w in enumerate(weights))
     impl = _backends.select("kgs_loss_with_heads", backend, h_masked.device,
                             (h_masked.dtype, weight.dtype, bias.dtype, y.dtype))
+    if B == 0:
+        return _empty_batch((h_masked, h_unmasked, weight, bias, y), M, reduction)
     return impl(h_masked, h_unmasked, weight, bias, y, per_sample=bool(per_sample), kd_scale=kd_scale,
                 kd_divide_T=bool(kd_divide_T), weights=weights, reduction=reduction, eps=eps)
 

@@ -69,10 +69,23 @@ def _extension_impl(seed, offset, shape, device):
     return torch.ops.mim_fast.philox_uniform(counters, seed).reshape(shape)
 
 
-def _triton_impl(seed, offset, shape, device):
+@torch.library.custom_op("mim_fast::philox_uniform_triton", mutates_args=())
+def _philox_uniform_triton(counters: torch.Tensor, seed: int) -> torch.Tensor:
+    """Triton's u[i] = tl.rand(seed, counters[i]) for int64 counters of any shape (a custom op, as the
+    other backends', so torch.compile traces it with no graph break on any device)."""
     from ..triton import philox as triton_philox
 
-    return triton_philox.philox_uniform(seed, offset, shape, device)
+    return triton_philox.philox_uniform_counters(counters, seed)
+
+
+@_philox_uniform_triton.register_fake
+def _philox_uniform_triton_fake(counters, seed):
+    return torch.empty_like(counters, dtype=torch.float32)
+
+
+def _triton_impl(seed, offset, shape, device):
+    counters = torch.arange(math.prod(shape), dtype=torch.int64, device=device) + offset
+    return torch.ops.mim_fast.philox_uniform_triton(counters, seed).reshape(shape)
 
 
 if _ext.C is not None:  # the schema lives in the extension

@@ -49,6 +49,8 @@ def purify_gate(
         penalty: "mim" (q = P(c > 0), the published expected-L0) or "threshold" (q = P(c > τ), the
             probability that the hard gate opens).
         lengths: optional (B,) integer steps per sample (0 ≤ lengths ≤ T), on x's device or the CPU.
+            B = 0 (an empty batch) gives empty results on every backend: pooled (0, D), penalty 0,
+            gate (0, T).
             Steps t ≥ lengths[b] are padding: closed, never read, no gradient; pooling divides by
             lengths[b] (0 for an empty sample) and the penalty averages over valid steps only.
         beta, gamma, zeta, loc_bias, threshold: β > 0, γ < 0 < ζ, 0 ≤ τ < 1 with γ < τ < ζ.
@@ -60,7 +62,10 @@ def purify_gate(
 
     Numerics: computed in float32 (float64 when x, logits or noise is float64). Gradients flow to x
     (closed gates pass none) and to logits through the straight-through estimator and the penalty.
-    The gate is deterministic given (logits, noise) or (logits, seed, offset).
+    The gate is deterministic given (logits, noise) or (logits, seed, offset). NaN policy, the same on
+    every backend: a NaN logit (or noise) at a valid step makes that step's gate NaN and the sample's
+    pooled NaN; a NaN/±inf feature reaches pooled through x·z even at a closed step; the clamp passes no
+    gradient where it is active (so no NaN·0); padding is never read. See mim_fast.reference.purify_gate.
     """
     if not isinstance(batch_first, bool):
         raise TypeError("batch_first must be a bool; got %s" % type(batch_first).__name__)
@@ -68,9 +73,9 @@ def purify_gate(
     _checks.float_tensor("x", x, ndim=3, layout=layout)
     B, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
     D = x.shape[2]
-    _checks.nonempty("x", {"T": T, "B": B, "D": D})
+    _checks.nonempty("x", {"T": T, "D": D})  # B = 0 is an empty batch: empty results (below)
     _checks.float_tensor("logits", logits, ndim=2, layout="(B, T)")
-    _checks.same_shape("logits", logits, (B, T), "(B, T) to match x %s" % _checks.shape_str(x.shape))
+    _checks.same_shape("logits", logits, (B, T), "(B, T) to match x", x.shape)
     _checks.choice("mode", mode, MODES)
     _checks.choice("activation", activation, ACTIVATIONS)
     _checks.choice("penalty", penalty, PENALTIES)
@@ -108,7 +113,10 @@ def purify_gate(
         if _checks.can_inspect_values(lengths) and not bool(((lengths >= 0) & (lengths <= T)).all()):
             raise ValueError("lengths must lie in [0, T=%d]; got min %d, max %d"
                              % (T, int(lengths.min()), int(lengths.max())))
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    # Not while torch.compile traces: is_current_stream_capturing() is a graph break (an error under
+    # fullgraph=True), and a compiled graph captured later (mode="reduce-overhead") is the compiler's
+    # business. A seed or lengths check then happens at trace time, not at capture.
+    if x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
         # a CUDA graph would freeze a host-drawn seed into every replay, and cannot copy CPU lengths
         if mode == "sample" and noise is None and seed is None:
             raise ValueError("purify_gate under CUDA-graph capture: pass noise= drawn inside the graph (e.g. "
@@ -122,9 +130,19 @@ def purify_gate(
 
     dtypes = (x.dtype, logits.dtype) + ((noise.dtype,) if noise is not None else ())
     impl = _backends.select("purify_gate", backend, x.device, dtypes)
+    if B == 0:
+        return _empty_batch(x, logits, batch_first)
     return impl(x, logits, noise=noise, seed=seed, offset=offset, mode=mode, activation=activation,
                 penalty=penalty, lengths=lengths, batch_first=batch_first, beta=beta, gamma=gamma, zeta=zeta,
                 loc_bias=loc_bias, threshold=threshold)
+
+
+def _empty_batch(x, logits, batch_first) -> PurifyGateOutput:
+    """B = 0 (an empty rank of a multi-process run, a filtered batch): pooled (0, D), penalty 0 (the mean
+    over no step, as with lengths all 0), gate (0, T); gradients flow (empty ones, and 0 for the penalty)."""
+    pooled = x.sum(dim=1 if batch_first else 0)        # (0, D), in x's dtype, connected to x
+    penalty = logits.sum()                             # exactly 0, in the logits' dtype
+    return PurifyGateOutput(pooled, penalty, logits.detach().new_zeros(logits.shape))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,8 +174,8 @@ def _forward_fake(acc_of):
     return fake
 
 
-def _backward_fake(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation):
-    return torch.empty_like(x), gate.new_empty(gate.shape)
+def _backward_fake(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation, needs_grad_x=True):
+    return (torch.empty_like(x) if needs_grad_x else x.new_empty((0,))), gate.new_empty(gate.shape)
 
 
 def _register_autograd(forward_name: str, backward_op) -> None:
@@ -175,9 +193,12 @@ def _register_autograd(forward_name: str, backward_op) -> None:
             grad_pooled = x.new_zeros((B, D))
         if grad_penalty is None:
             grad_penalty = gate.new_zeros(())
+        # ∂L/∂x only when x needs it: MIM's mask-learner update differentiates w.r.t. the logits alone, and
+        # not writing ∂L/∂x saves a third of the backward's memory traffic.
+        needs_x = ctx.needs_input_grad[0]
         grad_x, grad_logits = backward_op(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths,
-                                          ctx.activation)
-        return (grad_x if ctx.needs_input_grad[0] else None,
+                                          ctx.activation, needs_x)
+        return (grad_x if needs_x else None,
                 grad_logits if ctx.needs_input_grad[1] else None) + (None,) * 12
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
@@ -215,10 +236,11 @@ def _forward_triton(x: torch.Tensor, logits: torch.Tensor, noise: Optional[torch
 @torch.library.custom_op("mim_fast::purify_gate_backward_triton", mutates_args=())
 def _backward_triton(grad_pooled: torch.Tensor, grad_penalty: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
                      ste: torch.Tensor, dq: torch.Tensor, inv_count: torch.Tensor, lengths: Optional[torch.Tensor],
-                     activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                     activation: str, needs_grad_x: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     from ..triton import purify_gate as kernels
 
-    return kernels.purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation)
+    return kernels.purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation,
+                                        needs_grad_x)
 
 
 _forward_triton.register_fake(_forward_fake(lambda x, logits, noise: torch.float32))

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..ops import _backends
+from ._launch import check_tensors, device_guard
 
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
@@ -372,14 +373,19 @@ def _kgs_backward_kernel(gl_ptr, gi_ptr, gx_ptr, gm_ptr, gu_ptr, gl_s, gi_s, gx_
                          mask=mask)
 
 
-def _quiet():
-    # Under the interpreter the kernels run as numpy code, which warns on the −inf/NaN arithmetic of
-    # masked-off lanes (those values are discarded by tl.where); compiled kernels do not warn.
-    if _backends.triton_interpreting():
-        import numpy as np
+@contextlib.contextmanager
+def _launching(device: torch.device):
+    """Around every launch: the tensors' device made current (``device_guard``), and under the
+    interpreter numpy's warnings silenced — the kernels run as numpy code there, which warns on the
+    −inf/NaN arithmetic of masked-off lanes (values tl.where discards); compiled kernels do not warn."""
+    with device_guard(device):
+        if _backends.triton_interpreting():
+            import numpy as np
 
-        return np.errstate(all="ignore")
-    return contextlib.nullcontext()
+            with np.errstate(all="ignore"):
+                yield
+        else:
+            yield
 
 
 def _tiles(B: int, D: int, on_gpu: bool, block_d=None):
@@ -423,7 +429,7 @@ def _forward(yk, yu, y, h, heads, out_dtype, per_sample, kd_scale, kd_divide_T, 
              grad_h, block_d):
     M, B = yk.shape
     D = h.shape[2]
-    dev = h.device
+    dev = check_tensors("kgs_loss_forward_triton", yk, yu, y, h, *(heads[:3] if heads is not None else ()))
     red = _REDUCTIONS[reduction]
     term_shape = (B,) if red == 2 else ()
     terms = [torch.empty(term_shape, dtype=out_dtype, device=dev) for _ in range(5)]
@@ -445,7 +451,7 @@ def _forward(yk, yu, y, h, heads, out_dtype, per_sample, kd_scale, kd_divide_T, 
     scale = 1.0 / B if red == 0 else 1.0
     w = [float(v) for v in weights]
     hu, head_w, head_b, pred_round = heads if heads is not None else (dummy.view(1, 1, 1), dummy, dummy, 0)
-    with _quiet():
+    with _launching(dev):
         if heads is not None and not per_sample:  # the batch means need every prediction first
             _heads_kernel[(nprog,)](h, hu, h.stride(0), h.stride(1), h.stride(2), hu.stride(0), hu.stride(1),
                                     hu.stride(2), head_w, head_b, yk, yu, M, B, D, PRED_ROUND=pred_round,
@@ -474,7 +480,8 @@ def kgs_loss_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmas
     M, B = (saved_preds.shape[1], saved_preds.shape[2]) if has_preds else \
         ((saved_h.shape[0], saved_h.shape[1]) if has_h else (0, 0))
     D = saved_h.shape[2] if has_h else 1
-    dev = saved_preds.device
+    dev = check_tensors("kgs_loss_backward_triton", saved_preds, saved_h, grad_loss, grad_intra, grad_inter,
+                        grad_masked, grad_unmasked)
     gyk = torch.empty((M, B) if has_preds else (0,), dtype=yk_dtype, device=dev)
     gyu = torch.empty((M, B) if has_preds else (0,), dtype=yu_dtype, device=dev)
     gy = torch.empty((B,) if has_preds else (0,), dtype=y_dtype, device=dev)
@@ -488,7 +495,7 @@ def kgs_loss_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmas
     on_gpu = dev.type == "cuda"
     block_d = min(triton.next_power_of_2(D), 1024 if on_gpu else 8192)
     block_b = max(1, min(triton.next_power_of_2(B), (2048 if on_gpu else 65536) // block_d))
-    with _quiet():
+    with _launching(dev):
         _kgs_backward_kernel[(triton.cdiv(B, block_b),)](
             *ptrs, *strides, *(float(v) for v in weights), saved_preds if has_preds else dummy,
             saved_h if has_h else dummy, gyk if has_preds else dummy, gyu if has_preds else dummy,
@@ -587,7 +594,8 @@ def kgs_loss_heads_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad
     ceil(D / BLOCK_D) programs, each looping over the B samples (so on GPUs its parallelism is M·D/BLOCK_D
     programs: enough for MIM's batch sizes, not a bandwidth-optimal schedule for huge B)."""
     M, B, D = h_masked.shape
-    dev = h_masked.device
+    dev = check_tensors("kgs_loss_heads_backward_triton", h_masked, h_unmasked, weight, saved_preds, saved_h,
+                        grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked)
     ghm = torch.empty((M, B, D) if needs[0] else (0,), dtype=h_masked.dtype, device=dev)
     ghu = torch.empty((M, B, D) if needs[1] else (0,), dtype=h_masked.dtype, device=dev)
     gw = torch.empty((M, D) if needs[2] else (0,), dtype=torch.float32, device=dev)
@@ -604,7 +612,7 @@ def kgs_loss_heads_backward(grad_loss, grad_intra, grad_inter, grad_masked, grad
         block_b = max(1, min(triton.next_power_of_2(B), (4096 if on_gpu else 65536) // block_d))
         n_dblk = triton.cdiv(D, block_d)
         w32 = weight.to(torch.float32).contiguous()
-        with _quiet():
+        with _launching(dev):
             _kgs_heads_backward_kernel[(M * n_dblk,)](
                 *ptrs, *strides, *(float(v) for v in weights), saved_preds,
                 saved_h if saved_h.numel() > 0 else dummy,

@@ -2,11 +2,13 @@
 
 The 64-bit counter is passed to Philox as (lo32, hi32, 0, 0) explicitly rather than through
 ``tl.rand`` so the stream does not depend on how a Triton version treats int64 offsets.
-Bytes: 4·n written, nothing read; one launch.
+Bytes: 8·n read (the counters), 4·n written; one launch.
 """
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import check_tensors, device_guard
 
 
 @triton.jit
@@ -20,19 +22,23 @@ def philox_uniform_block(seed, counters):
 
 
 @triton.jit
-def _philox_uniform_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+def _philox_uniform_kernel(counters_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
-    u = philox_uniform_block(seed, idx + offset)
+    u = philox_uniform_block(seed, tl.load(counters_ptr + idx, mask=mask, other=0))
     tl.store(out_ptr + idx, u, mask=mask)
 
 
-def philox_uniform(seed: int, offset: int, shape, device) -> torch.Tensor:
-    out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+def philox_uniform_counters(counters: torch.Tensor, seed: int) -> torch.Tensor:
+    """u[i] = tl.rand(seed, counters[i]) for an int64 tensor of counters (any shape), float32, same shape."""
+    check_tensors("philox_uniform_triton", counters)
+    counters = counters.to(torch.int64).contiguous()
+    out = torch.empty(counters.shape, dtype=torch.float32, device=counters.device)
     n = out.numel()
     if n == 0:
         return out
     # Big blocks: under TRITON_INTERPRET=1 each program instance costs ~1 ms of Python.
     block = 1024 if out.is_cuda else 4096
-    _philox_uniform_kernel[(triton.cdiv(n, block),)](out, n, seed, offset, BLOCK=block)
+    with device_guard(out.device):
+        _philox_uniform_kernel[(triton.cdiv(n, block),)](counters, out, n, seed, BLOCK=block)
     return out

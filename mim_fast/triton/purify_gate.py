@@ -5,14 +5,16 @@ program per (sample b, block of features) computes the gate row of b a tile of t
 (mim_fast/triton/_math.py, bit-identical to mim_math.h) and streams x[t, b, :] over t.
 
 Forward: reads x once (T·B·D elements), writes pooled (B·D) and the (B, T) gate state; a second
-one-program launch reduces the penalty. Backward: reads x once, writes ∂L/∂x once and the per-block
-partial sums of ∂L/∂c; a third small launch combines ∂L/∂g. Accumulation in float32.
+one-program launch reduces the penalty. Backward: reads x once, writes ∂L/∂x once (not at all when x
+needs no gradient) and the per-block partial sums of ∂L/∂c; a second small launch combines ∂L/∂g.
+Accumulation in float32.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._math import log32, sigmoid32, tanh32
+from ._launch import check_tensors, device_guard
 from .philox import philox_uniform_block
 
 ACT_IDS = {"tanh": 0, "relu": 1, "identity": 2}
@@ -74,12 +76,16 @@ def _gate_forward_kernel(x_ptr, sT, sB, sD, logits_ptr, noise_ptr, lengths_ptr, 
             s = sigmoid32(a)
             ds = s * (1.0 - s)
         sbar = zeta_gamma * s + gamma
-        c = tl.where(sbar < 0.0, 0.0, tl.where(sbar > 1.0, 1.0, sbar))
+        c = tl.where(sbar < 0.0, 0.0, tl.where(sbar > 1.0, 1.0, sbar))  # NaN stays NaN
         valid = (t < length) & tmask
-        h = tl.where(valid & (c > threshold), 1.0, 0.0)
+        # z: 0 or 1, NaN where c is NaN (a NaN logit or noise); padding is closed whatever it holds
+        h = tl.where(valid, tl.where(c != c, c, tl.where(c > threshold, 1.0, 0.0)), 0.0)
         if blk == 0:  # the first feature block of each sample owns the (B, T) outputs
             q = sigmoid32(a - pen_shift)
-            ste = tl.where((sbar >= 0.0) & (sbar <= 1.0), zeta_gamma * ds, 0.0)
+            # −0.0 marks a clamped step (see _combine_kernel), NaN a NaN gate (mim_math.h gate_step). The
+            # −0.0 is a negated zero tensor: a −0.0 literal (or tl.full) loses its sign in Triton.
+            neg_zero = -tl.zeros(ds.shape, tl.float32)
+            ste = tl.where((sbar >= 0.0) & (sbar <= 1.0), zeta_gamma * ds, tl.where(ds != ds, ds, neg_zero))
             tl.store(gate_ptr + bt, h, mask=tmask)
             tl.store(ste_ptr + bt, tl.where(valid, ste, 0.0), mask=tmask)
             tl.store(dq_ptr + bt, tl.where(valid, q * (1.0 - q), 0.0), mask=tmask)
@@ -113,8 +119,8 @@ def _penalty_kernel(pen_row_ptr, lengths_ptr, B, T, penalty_ptr, inv_count_ptr, 
 
 @triton.jit
 def _gate_backward_kernel(x_ptr, sT, sB, sD, gp_ptr, gate_ptr, lengths_ptr, gx_ptr, gT, gB, gD, dc_part_ptr,
-                          B, T, D, nblk, HAS_LENGTHS: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          B, T, D, nblk, HAS_LENGTHS: tl.constexpr, WRITE_GX: tl.constexpr, ACT: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // nblk).to(tl.int64)
     blk = pid % nblk
@@ -135,8 +141,9 @@ def _gate_backward_kernel(x_ptr, sT, sB, sD, gp_ptr, gate_ptr, lengths_ptr, gx_p
                      mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         gy = gs[None, :] * _activation_grad(xv * h[:, None], ACT)
         gy = tl.where(valid[:, None], gy, 0.0)  # padding: zero gradient
-        tl.store(gx_ptr + t[:, None] * gT + b * gB + d[None, :] * gD, (gy * h[:, None]).to(gx_ptr.dtype.element_ty),
-                 mask=tmask[:, None] & dmask[None, :])
+        if WRITE_GX:  # off when ∂L/∂x is not wanted: only the Σ_d reduction for ∂L/∂g
+            tl.store(gx_ptr + t[:, None] * gT + b * gB + d[None, :] * gD,
+                     (gy * h[:, None]).to(gx_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
         tl.store(dc_part_ptr + (blk * B + b) * T + t, tl.sum(gy * xv, axis=1), mask=tmask)
 
 
@@ -149,7 +156,10 @@ def _combine_kernel(dc_part_ptr, nblk, BT, ste_ptr, dq_ptr, grad_penalty_ptr, in
     for k in range(0, nblk):
         dc += tl.load(dc_part_ptr + k * BT + i, mask=m, other=0.0)
     wpen = tl.load(grad_penalty_ptr).to(tl.float32) * tl.load(inv_count_ptr)
-    out = tl.load(ste_ptr + i, mask=m, other=0.0) * dc + wpen * tl.load(dq_ptr + i, mask=m, other=0.0)
+    ste = tl.load(ste_ptr + i, mask=m, other=0.0)
+    # the clamp selects (mim_math.h ste_times): a clamped step (ste = −0.0) passes no gradient, not NaN·0
+    clamped = (ste == 0.0) & ((ste.to(tl.int32, bitcast=True) >> 31) != 0)
+    out = tl.where(clamped, 0.0, ste * dc) + wpen * tl.load(dq_ptr + i, mask=m, other=0.0)
     tl.store(out_ptr + i, out, mask=m)
 
 
@@ -169,7 +179,8 @@ def purify_gate_forward(x, logits, noise, lengths, seed, offset, mode, activatio
                         gamma, threshold, pen_shift):
     """Same signature and results as torch.ops.mim_fast.purify_gate_forward (float32 accumulation)."""
     T, B, D = x.shape
-    dev = x.device
+    # lengths may be on the CPU (copied over below, as the C++ op does)
+    dev = check_tensors("purify_gate_forward_triton", x, logits, noise)
     logits_f = logits.to(torch.float32).contiguous()
     noise_f = noise.to(torch.float32).contiguous() if noise is not None else None
     # clamped to [0, T] like the C++ ops (values on a GPU are not checked: that would need a host sync)
@@ -184,36 +195,42 @@ def purify_gate_forward(x, logits, noise, lengths, seed, offset, mode, activatio
     block_t, block_d = _blocks(D, T, dev.type == "cuda")
     nblk = triton.cdiv(D, block_d)
     dummy = logits_f  # never read when the matching HAS_* flag is off
-    _gate_forward_kernel[(B * nblk,)](
-        x, x.stride(0), x.stride(1), x.stride(2), logits_f, noise_f if noise_f is not None else dummy,
-        lens if lens is not None else dummy, seed, offset, pooled, gate, ste, dq, pen_row, T, D, nblk,
-        float(loc_bias), float(beta), float(zeta_gamma), float(gamma), float(threshold), float(pen_shift),
-        1e-6, 1.0 - 1e-6,
-        SAMPLE=mode == "sample", HAS_NOISE=noise_f is not None, HAS_LENGTHS=lens is not None,
-        ACT=ACT_IDS[activation], BLOCK_T=block_t, BLOCK_D=block_d, enable_fp_fusion=False)
-    _penalty_kernel[(1,)](pen_row, lens if lens is not None else dummy, B, T, penalty, inv_count,
-                          HAS_LENGTHS=lens is not None, BLOCK=min(1024, triton.next_power_of_2(B)))
+    with device_guard(dev):
+        _gate_forward_kernel[(B * nblk,)](
+            x, x.stride(0), x.stride(1), x.stride(2), logits_f, noise_f if noise_f is not None else dummy,
+            lens if lens is not None else dummy, seed, offset, pooled, gate, ste, dq, pen_row, T, D, nblk,
+            float(loc_bias), float(beta), float(zeta_gamma), float(gamma), float(threshold), float(pen_shift),
+            1e-6, 1.0 - 1e-6,
+            SAMPLE=mode == "sample", HAS_NOISE=noise_f is not None, HAS_LENGTHS=lens is not None,
+            ACT=ACT_IDS[activation], BLOCK_T=block_t, BLOCK_D=block_d, enable_fp_fusion=False)
+        _penalty_kernel[(1,)](pen_row, lens if lens is not None else dummy, B, T, penalty, inv_count,
+                              HAS_LENGTHS=lens is not None, BLOCK=min(1024, triton.next_power_of_2(B)))
     return (pooled, penalty.to(logits.dtype), gate.to(logits.dtype), ste, dq, inv_count)
 
 
-def purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation):
-    """Same signature and results as torch.ops.mim_fast.purify_gate_backward."""
+def purify_gate_backward(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation,
+                         needs_grad_x=True):
+    """Same signature and results as torch.ops.mim_fast.purify_gate_backward (grad_x is a (0,) tensor,
+    never written, when needs_grad_x is false)."""
     T, B, D = x.shape
-    dev = x.device
+    dev = check_tensors("purify_gate_backward_triton", x, grad_pooled, grad_penalty, gate, ste, dq, inv_count)
     G = grad_pooled.to(x.dtype).contiguous()
     h = gate.to(torch.float32).contiguous()
     lens = lengths.to(device=dev, dtype=torch.int64).clamp(0, T).contiguous() if lengths is not None else None
-    grad_x = torch.empty_like(x)
+    grad_x = torch.empty_like(x) if needs_grad_x else x.new_empty((0,))
+    gx_strides = grad_x.stride() if needs_grad_x else (0, 0, 0)
     block_t, block_d = _blocks(D, T, dev.type == "cuda")
     nblk = triton.cdiv(D, block_d)
     dc_part = torch.empty((nblk, B, T), dtype=torch.float32, device=dev)
-    _gate_backward_kernel[(B * nblk,)](
-        x, x.stride(0), x.stride(1), x.stride(2), G, h, lens if lens is not None else h,
-        grad_x, grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), dc_part, B, T, D, nblk,
-        HAS_LENGTHS=lens is not None, ACT=ACT_IDS[activation], BLOCK_T=block_t, BLOCK_D=block_d)
     grad_logits = torch.empty((B, T), dtype=torch.float32, device=dev)
     BT = B * T
     block = 1024 if dev.type == "cuda" else triton.next_power_of_2(min(BT, 1 << 16))
-    _combine_kernel[(triton.cdiv(BT, block),)](dc_part, nblk, BT, ste.contiguous(), dq.contiguous(),
-                                               grad_penalty.contiguous(), inv_count, grad_logits, BLOCK=block)
+    with device_guard(dev):
+        _gate_backward_kernel[(B * nblk,)](
+            x, x.stride(0), x.stride(1), x.stride(2), G, h, lens if lens is not None else h,
+            grad_x if needs_grad_x else h, *gx_strides, dc_part, B, T, D, nblk,
+            HAS_LENGTHS=lens is not None, WRITE_GX=bool(needs_grad_x), ACT=ACT_IDS[activation], BLOCK_T=block_t,
+            BLOCK_D=block_d)
+        _combine_kernel[(triton.cdiv(BT, block),)](dc_part, nblk, BT, ste.contiguous(), dq.contiguous(),
+                                                   grad_penalty.contiguous(), inv_count, grad_logits, BLOCK=block)
     return grad_x, grad_logits.to(gate.dtype)
