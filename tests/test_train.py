@@ -308,3 +308,20 @@ def test_penalty_options_of_the_upn_investigation(tmp_path):
         # with equal weights it is the op's own penalty
         torch.testing.assert_close(q.mean(), out.penalty[i], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_a(sample_cfg)[3], cfg.penalty_weight * want + kgs.masked, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_a_run_whose_config_lacks_a_preset_field(tmp_path):
+    """A checkpoint written before a preset field existed would otherwise resume with the preset's value
+    of that field, which the run never had (e.g. the demo's mask learner options)."""
+    from mim_fast import runs
+
+    cfg = tiny_config(tmp_path, epochs=2)
+    T.run(cfg, progress=False, log=lambda *a: None, stop_after_steps=9)  # epoch 1 saved, epoch 2 unfinished
+    (epoch, path), = runs.checkpoints(cfg.out)
+    ck = runs.load_checkpoint(path)
+    saved = json.loads(ck["config"])
+    del saved["mask_residual"]
+    runs.save_checkpoint(path, {k: v for k, v in dict(ck, config=json.dumps(saved)).items()
+                                if k not in ("format", "version", "sha256")})
+    with pytest.raises(T.RunFolderError, match="another version.*mask_residual"):
+        T.resume(cfg.out, progress=False, log=lambda *a: None)
