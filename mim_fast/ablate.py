@@ -111,8 +111,8 @@ def markdown(rows: List[dict]) -> str:
 
 
 def plot(rows: List[dict], path: str) -> bool:
-    """Grouped bars (KGS on the x axis, one bar per UPN row, ± std): test MAE, impure and clean steps closed.
-    False when matplotlib is missing."""
+    """Grouped bars (KGS on the x axis, one bar per UPN row, ± std): test MAE, Acc-2, impure and clean steps
+    closed. False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -120,11 +120,12 @@ def plot(rows: List[dict], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = (("mae", "test MAE (lower is better)"), ("closed_impure", "impure steps closed (higher is better)"),
+    panels = (("mae", "test MAE (lower is better)"), ("acc2", "test Acc-2 non-0 (higher is better)"),
+              ("closed_impure", "impure steps closed (higher is better)"),
               ("closed_clean", "clean steps closed (lower is better)"))
     kgs = [k for k in KGS_COLUMNS if any(r["kgs"] == k for r in rows)]
     upns = [u for u in UPN_ROWS if any(r["upn"] == u for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     width = 0.8 / max(len(upns), 1)
     for ax, (key, title) in zip(axes, panels):
         for j, upn in enumerate(upns):
@@ -137,8 +138,13 @@ def plot(rows: List[dict], path: str) -> bool:
         ax.set_title(title, fontsize=9)
         if key != "mae":
             ax.set_ylim(0, 1.02)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(upns), fontsize=8, frameon=False)
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    fig.suptitle("Synthetic data, %d epochs, mean ± std over seeds %s (gates: mean of the three modalities)"
+                 % (rows[0]["epochs"], ", ".join(map(str, seeds))), fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
