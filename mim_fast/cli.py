@@ -1,4 +1,4 @@
-"""The ``mim-fast`` command (also ``python -m mim_fast``): info, demo, train, bench, profile.
+"""The ``mim-fast`` command (also ``python -m mim_fast``): info, demo, train, ablate, bench, profile.
 
 Only the parser of the command that runs is built, with that command's imports: ``mim-fast --help``
 lists the commands without importing torch (it answers in a fraction of a second; torch alone takes
@@ -14,6 +14,8 @@ COMMANDS = {
     "info": "print what is built and which backends can run here (and why not)",
     "demo": "run both ops on random inputs with every available backend",
     "train": "train and evaluate MIM (default: the synthetic demo dataset)",
+    "ablate": "the ablation table on the synthetic data: no UPN / published UPN / ours x KGS off / batch / "
+              "per-sample routing, mean ± std over seeds",
     "bench": "time every op per provider (eager, torch.compile, fused backends)",
     "profile": "torch.profiler traces of the training step, eager vs fused: top ops, time per named range, "
                "launches per step",
@@ -59,10 +61,14 @@ def _number(positive: bool):
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``mim-fast train``, each with its default."""
-    from .train import TrainConfig
+    """The options of ``mim-fast train``, each with its default (a preset's for the preset fields)."""
+    from .train import PRESETS, TrainConfig
 
     d = TrainConfig()
+
+    def _by_preset(name):
+        return "default: the preset's, mim %s, demo %s" % (PRESETS["mim"][name], PRESETS["demo"][name])
+
     g = p.add_argument_group("data and run folder")
     g.add_argument("--data", help="'synthetic' (the generated demo dataset) or the path of a MAG-BERT or MMSA "
                                   "pickle of CMU-MOSI/MOSEI (default: synthetic)")
@@ -79,32 +85,55 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (deletes only the files a run writes; refuses a folder that is "
                         "not a run folder)")
-    g = p.add_argument_group("training")
+    g = p.add_argument_group("preset and training (each option overrides its preset's value)")
+    g.add_argument("--preset", choices=list(PRESETS),
+                   help="mim: the released MIM code's settings; demo: the fast synthetic demo, whose purification "
+                        "network purifies (default: demo on synthetic data, mim on a pickle)")
     g.add_argument("--epochs", type=_int_at_least(1), help="epochs to train; with --resume, the total to reach "
-                                                            "(default: %d)" % d.epochs)
-    g.add_argument("--batch-size", type=_int_at_least(1), help="samples per step (default: %d; MIM: 16)" % d.batch_size)
-    g.add_argument("--lr", type=_number(True), help="Adam learning rate of both optimizers (default: %g; MIM: "
-                                                    "1e-5 with BERT)" % d.lr)
+                                                            "(%s)" % _by_preset("epochs"))
+    g.add_argument("--batch-size", type=_int_at_least(1), help="samples per step (%s)" % _by_preset("batch_size"))
+    g.add_argument("--lr", type=_number(True), help="Adam learning rate of both optimizers (%s)" % _by_preset("lr"))
     g.add_argument("--seed", type=_int_at_least(0), help="seed of the init, data order, dropout and gate noise "
                                                          "(default: %d)" % d.seed)
-    g.add_argument("--d-model", type=_int_at_least(2), help="feature width D (default: %d; MIM: 80)" % d.d_model)
+    g.add_argument("--d-model", type=_int_at_least(2), help="feature width D (%s)" % _by_preset("d_model"))
+    g.add_argument("--layers", dest="av_layers", type=_int_at_least(0),
+                   help="Transformer layers of the audio and vision encoders (%s)" % _by_preset("av_layers"))
     g.add_argument("--fusion", choices=["multiplication", "add", "concat", "tensor"],
-                   help="how the purified modalities are fused (default: %s, as MIM)" % d.fusion)
-    g.add_argument("--routing", choices=["per-sample", "batch"],
-                   help="KGS routing: per sample (the paper) or by batch means (the released code) "
-                        "(default: per-sample)")
+                   help="how the purified modalities are fused (%s)" % _by_preset("fusion"))
+    g.add_argument("--routing", choices=["per-sample", "batch", "off"],
+                   help="KGS routing: per sample (the paper) or by batch means (the released code); off: no "
+                        "intra/inter knowledge transfer, an ablation (default: the preset's, mim batch, demo per-sample)")
     g.add_argument("--optimizer", choices=["two-phase", "joint"],
                    help="two-phase: MIM's two Adam steps from one graph; joint: one Adam on the sum "
-                        "(default: %s)" % d.optimizer)
+                        "(%s)" % _by_preset("optimizer"))
     g.add_argument("--eval-gate", choices=["expected", "sample"],
                    help="gates in evaluation: expected (deterministic) or sample (the published code) "
-                        "(default: %s)" % d.eval_gate)
+                        "(%s)" % _by_preset("eval_gate"))
+    g = p.add_argument_group("the purification network (each option overrides its preset's value)")
     g.add_argument("--penalty-weight", type=_number(False),
-                   help="weight of the gate penalty in the mask learners' update (default: 1.0 on the synthetic "
-                        "demo, 0.1 on a pickle, as MIM)")
+                   help="weight of the gate penalty in the mask learners' update (%s)" % _by_preset("penalty_weight"))
+    g.add_argument("--gate-penalty", choices=["mim", "threshold"],
+                   help="the penalty's q: mim = P(c > 0), threshold = P(c > tau), the probability that the hard gate "
+                        "opens (%s)" % _by_preset("gate_penalty"))
     g.add_argument("--mask-ratio", type=_int_at_least(1),
-                   help="the mask learner's time bottleneck T -> T/ratio -> T (default: 1 on the synthetic demo, "
-                        "5 on a pickle, as MIM)")
+                   help="the mask learner's time bottleneck T -> T/ratio -> T (%s)" % _by_preset("mask_ratio"))
+    g.add_argument("--mask-score-bias", type=_score_bias,
+                   help="initial bias of the mask learner's score unit, or 'pytorch' for PyTorch's default init "
+                        "(%s)" % _by_preset("mask_score_bias"))
+    g.add_argument("--mask-score-relu", action=argparse.BooleanOptionalAction,
+                   help="the ReLU that ends the mask learner's score (%s)" % _by_preset("mask_score_relu"))
+    g.add_argument("--mask-residual", action=argparse.BooleanOptionalAction,
+                   help="a skip connection around the mask learner's time MLP (%s)" % _by_preset("mask_residual"))
+    g.add_argument("--pool-norm", choices=["T", "open"],
+                   help="purified pooling: the mean over T or over the open steps (%s)" % _by_preset("pool_norm"))
+    g.add_argument("--penalty-scale", choices=["none", "task", "sample"],
+                   help="task: the weight times the step's task L1; sample: each sample's steps priced by "
+                        "|yk - bias| (%s)" % _by_preset("penalty_scale"))
+    g.add_argument("--penalty-warmup", type=_number(False),
+                   help="epochs over which the penalty weight ramps up from 0 (%s)" % _by_preset("penalty_warmup"))
+    g.add_argument("--no-upn", dest="upn", action="store_const", const=False,
+                   help="no purification networks (an ablation: the purified representation is the unpurified one)")
+    g = p.add_argument_group("other")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast precision (default: %s)" % d.amp)
     g.add_argument("--bert", dest="bert_path", metavar="DIR",
                    help="a local Hugging Face BERT folder for token-id text (default: a learned word embedding)")
@@ -126,16 +155,36 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
 
 
+def _score_bias(text: str):
+    if text == "pytorch":
+        return text
+    return _number_any(text)
+
+
+def _number_any(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError("must be a finite number or 'pytorch'; got %r" % text)
+    return value
+
+
 # argparse dest -> TrainConfig field, for the options that set one
-_TRAIN_FIELDS = ("data", "out", "epochs", "batch_size", "lr", "seed", "d_model", "fusion", "optimizer", "eval_gate",
-                 "amp", "device", "backend", "bert_path", "penalty_weight", "mask_ratio", "max_len")
+_TRAIN_FIELDS = ("data", "out", "preset", "epochs", "batch_size", "lr", "seed", "d_model", "av_layers", "fusion",
+                 "optimizer", "eval_gate", "amp", "device", "backend", "bert_path", "penalty_weight", "gate_penalty",
+                 "mask_ratio", "mask_score_bias", "mask_score_relu", "mask_residual", "pool_norm", "penalty_scale",
+                 "penalty_warmup", "upn", "max_len")
 
 
 def _train(args, prog: str) -> int:
     from . import train
 
     given = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
-    if args.routing is not None:
+    if args.routing == "off":
+        given["kgs_transfer"] = False
+    elif args.routing is not None:
         given["per_sample"] = args.routing == "per-sample"
     opts = dict(progress=not args.quiet, keep_checkpoints=args.keep_checkpoints, threads=args.threads,
                 trust_data=args.trust_data, compile=args.compile)
@@ -192,6 +241,10 @@ def _command_parser(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     elif name == "train":
         train_arguments(p)
+    elif name == "ablate":
+        from .ablate import add_arguments
+
+        add_arguments(p)
     elif name == "bench":
         from . import bench
 
@@ -233,6 +286,10 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(args)
+    if args.command == "ablate":
+        from .ablate import main as ablate_main
+
+        return ablate_main(args)
     if args.command == "profile":
         from .profile import main as profile_main
 

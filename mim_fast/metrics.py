@@ -1,4 +1,5 @@
-"""Evaluation metrics: the MAG-BERT protocol MIM reports (SPEC §4), and how well the purification gates
+"""Evaluation metrics: MOSI/MOSEI sentiment metrics in both conventions papers report — MAG-BERT's,
+which MIM publishes (SPEC §4), and MMSA's — each under its own name, and how well the purification gates
 find known impurity (synthetic data).
 
 All functions take numpy arrays or torch tensors (any device/dtype; they are copied to the host as float64)
@@ -80,21 +81,47 @@ def pearson(x, y) -> float:
     return float(min(1.0, max(-1.0, float(dx @ dy) / denom)))
 
 
+# The keys of regression_metrics, in the order the README's table lists them (each convention by name).
+METRIC_KEYS = ("mae_all", "corr_all", "mae_non0", "corr_non0", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0",
+               "acc2_non0_mmsa", "f1_non0_mmsa", "acc5", "acc7")
+
+
+def _binary(pred_pos, label_pos):
+    """(accuracy, weighted F1) of two boolean vectors; NaN for empty ones."""
+    if pred_pos.size == 0:
+        return float("nan"), float("nan")
+    return float(np.mean(pred_pos == label_pos)), weighted_f1(label_pos, pred_pos)
+
+
 def regression_metrics(preds, labels) -> Dict[str, float]:
-    """MOSI/MOSEI metrics under the MAG-BERT protocol (used by MIM; SPEC §4).
+    """MOSI/MOSEI sentiment metrics, every convention the literature mixes, each under its own name.
+
+    Two codebases define the conventions papers report: MAG-BERT's ``test_score_model(use_zero=False)``
+    (github WasifurRahman/BERT_multimodal_transformer), which MIM's released code copies and whose
+    numbers MIM publishes (SPEC §4), and MMSA's ``MetricsTop`` (github thuiar/MMSA), which many later
+    papers use. They differ in which samples MAE/Corr see and in how a prediction of exactly 0 is
+    classified.
 
     Args:
         preds, labels: N predictions and labels (any shapes with N elements each; numpy or torch), finite.
 
-    Returns a dict of Python floats:
-        acc7:  on all samples, round(clip(pred, -3, 3)) == round(clip(y, -3, 3)). Rounding is numpy's
-               (half to even: 2.5 -> 2, -0.5 -> -0), as in the MAG-BERT/MISA/MMSA code.
-        acc2, f1, mae, corr: on the samples with y != 0 ("non-0"): accuracy and weighted F1
-               (:func:`weighted_f1`) of the classes pred >= 0 vs y >= 0 (a prediction of exactly 0 counts
-               as positive), mean |pred - y|, and Pearson correlation (:func:`pearson`: 0 when the
-               predictions or labels are constant). NaN when every label is 0.
-        acc2_has0, f1_has0: the same binary accuracy and weighted F1 on all samples, with y = 0 counted
-               as positive ("has-0", as MISA/MMSA report).
+    Returns a dict of Python floats (no rounding; MMSA rounds to 4 decimals):
+        mae_all, corr_all:   mean |pred - y| and Pearson correlation on all samples (MMSA; MAG-BERT with
+                             use_zero=True).
+        mae_non0, corr_non0: the same on the samples with y != 0 (MAG-BERT's default, what MIM reports).
+        acc2_has0, f1_has0:  accuracy and weighted F1 (:func:`weighted_f1`) of pred >= 0 vs y >= 0 on all
+                             samples ("Has0": MMSA; MAG-BERT with use_zero=True: the same rule).
+        acc2_non0, f1_non0:  pred >= 0 vs y >= 0 on the samples with y != 0: MAG-BERT's rule, what MIM
+                             reports ("Non0"; a prediction of exactly 0 counts as positive).
+        acc2_non0_mmsa, f1_non0_mmsa: pred > 0 vs y > 0 on the samples with y != 0: MMSA's "Non0" rule
+                             (a prediction of exactly 0 counts as negative). Differs from acc2_non0 only
+                             where a prediction is exactly 0.
+        acc5:                on all samples, round(clip(pred, -2, 2)) == round(clip(y, -2, 2)) (MMSA's
+                             Mult_acc_5, the older MAG-BERT's mult_a5).
+        acc7:                on all samples, round(clip(pred, -3, 3)) == round(clip(y, -3, 3)) (MIM, MMSA).
+        Rounding is numpy's (half to even: 2.5 -> 2, -0.5 -> -0), as in all three codebases. Pearson
+        correlation is 0 where it is undefined (:func:`pearson`: constant predictions or labels; numpy
+        would give NaN). The *_non0 values are NaN when every label is 0.
     Raises ValueError for different sizes, no samples, or NaN/inf values.
     """
     p = _vector("preds", preds)
@@ -104,19 +131,17 @@ def regression_metrics(preds, labels) -> Dict[str, float]:
                          % (p.size, y.size))
     if p.size == 0:
         raise ValueError("regression_metrics needs at least one sample")
-    out = {"acc7": float(np.mean(np.round(np.clip(p, -3.0, 3.0)) == np.round(np.clip(y, -3.0, 3.0))))}
     nz = y != 0
     pn, yn = p[nz], y[nz]
-    if pn.size:
-        out["acc2"] = float(np.mean((pn >= 0) == (yn >= 0)))
-        out["f1"] = weighted_f1(yn >= 0, pn >= 0)
-        out["mae"] = float(np.mean(np.abs(pn - yn)))
-        out["corr"] = pearson(pn, yn)
-    else:
-        out.update(acc2=float("nan"), f1=float("nan"), mae=float("nan"), corr=float("nan"))
-    out["acc2_has0"] = float(np.mean((p >= 0) == (y >= 0)))
-    out["f1_has0"] = weighted_f1(y >= 0, p >= 0)
-    return out
+    out = {"mae_all": float(np.mean(np.abs(p - y))), "corr_all": pearson(p, y)}
+    out["mae_non0"] = float(np.mean(np.abs(pn - yn))) if pn.size else float("nan")
+    out["corr_non0"] = pearson(pn, yn) if pn.size else float("nan")
+    out["acc2_has0"], out["f1_has0"] = _binary(p >= 0, y >= 0)
+    out["acc2_non0"], out["f1_non0"] = _binary(pn >= 0, yn >= 0)
+    out["acc2_non0_mmsa"], out["f1_non0_mmsa"] = _binary(pn > 0, yn > 0)
+    for k, bound in ((5, 2.0), (7, 3.0)):
+        out["acc%d" % k] = float(np.mean(np.round(np.clip(p, -bound, bound)) == np.round(np.clip(y, -bound, bound))))
+    return {k: out[k] for k in METRIC_KEYS}
 
 
 def _purification_one(prefix: str, gate, mask, lengths) -> Dict[str, float]:

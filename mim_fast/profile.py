@@ -116,8 +116,9 @@ def main(args) -> int:
 
 
 def _config(backend: str, device: torch.device, *, batch_size, d_model, seq_len, heads, av_layers, dims, amp, seed):
+    # MIM's published step (its routing, penalty, mask_ratio, ...) at the requested dims
     return train_lib.TrainConfig(
-        out="", seed=seed, batch_size=batch_size, d_model=d_model, heads=heads, av_layers=av_layers, text_layers=0,
+        preset="mim", out="", seed=seed, batch_size=batch_size, d_model=d_model, heads=heads, av_layers=av_layers, text_layers=0,
         amp=amp, device=str(device), backend=backend,
         synthetic={"n_train": batch_size, "n_dev": 1, "n_test": 1, "T": seq_len, "dims": list(dims)})
 

@@ -7,15 +7,13 @@ The step is MIM's, repaired: one forward pass, two gradient sets from the same g
     g_A = ∇_{θ_UPN}(penalty_weight·Σ_m P_m + masked)         → Adam over the mask learners
     g_B = ∇_{θ_all}(unmasked + inter + intra + L_cls)          → Adam over all parameters
 
-(``optimizer="joint"``: one Adam over all parameters on the sum). Evaluation uses the expected
-(deterministic) gates unless ``eval_gate="sample"`` (the published behaviour). Model selection: the epoch
-with the lowest dev L1, as published. Every epoch's randomness (shuffling, dropout, gate noise) is a
-function of (seed, epoch) alone, and the gate noise of a sample is keyed by its global index, so a run
-resumed from an epoch checkpoint — even after an interruption mid-epoch — reproduces the uninterrupted
-run exactly (same device, backend and thread count).
-
-The run folder, its atomic writes and its verified checkpoints are :mod:`mim_fast.runs`'s. ``run``
-starts a run, ``resume`` continues one; both check every input before they write anything.
+(``optimizer="joint"``: one Adam over all parameters on the sum). The settings come from a preset
+(``TrainConfig.preset``: "mim", the released code's; "demo", the fast synthetic demo), each overridable.
+Evaluation reports both metric conventions by name (:func:`mim_fast.metrics.regression_metrics`).
+Model selection: the epoch with the lowest dev L1, as published. Every epoch's randomness (shuffling,
+dropout, gate noise) is a function of (seed, epoch) alone, and the gate noise of a sample is keyed by its
+global index, so a run resumed from an epoch checkpoint — even after an interruption mid-epoch —
+reproduces the uninterrupted run exactly.
 """
 import contextlib
 import dataclasses
@@ -27,7 +25,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -50,77 +48,140 @@ __all__ = ["TrainConfig", "Batch", "GlobalPart", "batches", "load_for_training",
 
 
 # The synthetic data of the default run (the demo): impure steps form one contiguous stretch per sample
-# and carry a marker, see DEMO DEVIATIONS in TrainConfig's docstring.
+# and carry a marker, see TrainConfig's docstring. Data, not a setting: every preset trains on it.
 DEMO_SYNTHETIC = {"marker": 3.0, "contiguous": True}
-# The demo's values of the two settings it changes (TrainConfig's DEMO DEVIATIONS), and MIM's, used on
-# real data: a config leaving them at None gets the set that matches its data.
-DEMO_DEFAULTS = {"penalty_weight": 1.0, "mask_ratio": 1}
-MIM_DEFAULTS = {"penalty_weight": 0.1, "mask_ratio": 5}
+
+# The two presets (TrainConfig's docstring and the README's table say where and why they differ). Every
+# field named here defaults to None in TrainConfig and takes the preset's value unless given explicitly.
+PRESETS = {
+    # MIM as released (github zengy268/MIM: README's config, train.py, modules/model.py), see SPEC §3.
+    "mim": dict(
+        epochs=100, batch_size=16, lr=1e-5, weight_decay=0.0, d_model=80, heads=5, text_layers=0, av_layers=3,
+        fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=True,
+        per_sample=False, kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, eval_gate="sample",
+        # the UPN
+        upn=True, penalty_weight=0.1, penalty_scale="none", penalty_warmup=0, gate_penalty="mim", loc_bias=3.0,
+        mask_ratio=5, mask_score_bias="pytorch", mask_score_relu=True, mask_residual=False, pool_norm="T"),
+    # The fast demo on the synthetic data (~1.5 min on one core), with a purification network that purifies.
+    "demo": dict(
+        epochs=30, batch_size=32, lr=1e-3, weight_decay=0.0, d_model=40, heads=5, text_layers=0, av_layers=1,
+        fusion="multiplication", activation="tanh", optimizer="two-phase", drop_last=False,
+        per_sample=True, kgs_transfer=True, kd_scale=10.0, kd_divide_T=False, eval_gate="expected",
+        # the UPN
+        upn=True, penalty_weight=0.3, penalty_scale="none", penalty_warmup=0, gate_penalty="threshold",
+        loc_bias=3.0, mask_ratio=1, mask_score_bias=0.1, mask_score_relu=False, mask_residual=True, pool_norm="T"),
+}
+PENALTY_SCALES = ("none", "task", "sample")
 
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on (saved as config.json in the run folder).
 
-    DEMO DEVIATIONS from MIM. The defaults are MIM's except where its settings demonstrably keep the
-    purification network (UPN) from learning on the demo's scale (~750 steps on the synthetic data);
-    each was measured (README, "What the demo shows"). ``penalty_weight`` and ``mask_ratio`` left at None
-    are resolved from ``data`` when the config is made: the demo's values on "synthetic", MIM's (0.1 and
-    5) on a dataset pickle, so real-data runs train as published unless asked otherwise.
+    PRESETS. ``preset="mim"`` is the configuration of the released MIM code (github zengy268/MIM), every
+    hyper-parameter as published; ``preset="demo"`` is the fast demo on the synthetic data, whose
+    purification network (UPN) closes most impure steps there and few clean ones (MIM's closes none).
+    ``preset=None`` picks "demo" for ``data="synthetic"`` and "mim" for a dataset pickle. Each field that
+    defaults to None takes the preset's value (``PRESETS``) unless given explicitly:
+    ``TrainConfig(preset="mim", lr=1e-3)`` is MIM with another learning rate. Values are resolved at
+    construction (so ``dataclasses.replace`` keeps them), and config.json records the preset and every
+    resolved value.
 
-    * ``penalty_weight = 1.0`` on the demo (MIM: 0.1). Both gradient sets push every gate open: closing any step shrinks
-      the pooled k_m = (1/T)·Σ_t φ(x_t·z_t), so ∂masked/∂c and ∂(task + KGS)/∂c are negative on average
-      over all steps, impure ones included. At 0.1 the penalty's gradient per logit is ~10× smaller than
-      that common push, the logits drift up (demo data, penalty 0.1: text's a from 3 to ≈5 in 150 steps),
-      the gates saturate open and no step closes. At 1.0 it outweighs the push on impure steps, where the
-      task gradient is weak or says "close", but not on clean ones (2.0 closes clean steps too).
-    * ``mask_ratio = 1`` on the demo (MIM: 5). The mask learner maps per-step scores to logits with an MLP across
-      time, T → T/ratio → T. At the demo's T = 20 a ratio of 5 leaves 4 units, too few to close a
-      stretch at an arbitrary position (a supervised probe on the true masks reaches 98% step accuracy in
-      200 steps with ratio 1, ~90% in 300 with ratio 5).
-    * ``mask_score_bias = 0.1`` (MIM: PyTorch's default init). The score unit ends in a ReLU; with the
-      default init its pre-activation is negative for every input in some modalities (text at seed 0), so
-      every score is 0, no gradient ever reaches the LSTM or the score MLP, and the logits cannot depend
-      on the step. A small positive bias starts the unit alive. ``None`` restores the published init.
-    * the synthetic data (``DEMO_SYNTHETIC``): impure steps are one contiguous stretch per sample (the
-      generator's docstring's "off-topic stretch, like a quote or background speech") that carries a
-      marker (its own signature, as background speech or a sensor fault has its own spectrum), instead of
-      scattered, step-for-step indistinguishable steps. The encoders mix neighbouring steps (Conv1d k=3,
-      and attention for audio/vision), so a scattered impure step is mostly clean context after encoding
-      and closing it removes signal; without a marker nothing local tells it apart.
-    ``loc_bias`` stays MIM's 3 (gates start open): with 1 the gates swung between mostly closed and open
-    and the test error became unstable. ``epochs = 30`` (12 before): the separation grows slowly.
+    Where the released code is silent or broken: its ``global_configs.py`` is a file of NUL bytes (the
+    values come from its README), so the pooling activation is unknown — both tanh and ReLU are commented
+    in; we use tanh (SPEC §1). Its seed is hard-coded to 3407 (``set_random_seed`` ignores its argument):
+    ours is a replicate index (default 0) in both presets, since our random streams differ from its
+    anyway. It evaluates dev/test at batch 128 and selects by the mean of per-batch dev L1s; we evaluate
+    at ``batch_size`` and select by the per-sample mean dev L1 (no batch-size effect: gate noise is keyed
+    by sample). Its Transformer has attention dropout 0.5; torch's layer has one dropout, 0.3
+    (:class:`~mim_fast.nn.SequenceEncoder`). Without BERT weights (``bert_path``) text ids get a learned
+    embedding instead of BERT.
+
+    DEMO vs MIM (measured on the synthetic data; README, "What the demo shows"):
+
+    * speed: 30 epochs (MIM 100), batch 32 (16), lr 1e-3 (MIM's 1e-5 fine-tunes a pretrained BERT; the
+      demo trains every weight from scratch in 30 epochs), D = 40 (80), 1 audio/vision Transformer layer
+      (3), every train batch (MIM drops the last incomplete one), per-sample KGS routing (the paper's
+      "sample variations"; the released code routes by batch means), expected gates in evaluation (the
+      released HardConcrete has no eval branch and samples).
+    * the UPN (benchmarks/upn_purification.py and its log: every setting below was measured there, the
+      failures too). With MIM's UPN settings no gate closes on the synthetic data (0.00/0.00 in every
+      modality): pooling divides by T, so closing any step shrinks k_m and every task gradient pushes
+      every gate open, and the 0.1·P(c > 0) penalty is too weak to counter it. The demo changes four
+      things, each its own field:
+      - ``mask_score_relu = False`` and ``mask_residual = True`` (MIM: ReLU score, no skip). With the
+        published mask learner the logits came out one constant per position (the score ReLU dead, or
+        the time MLP's per-position biases dominating): whole positions closed for every sample and then
+        got no gradient. A linear score with a skip connection around the time MLP (g = MLP(s) + s)
+        keeps each step's own score in its logit.
+      - ``gate_penalty = "threshold"``, ``penalty_weight = 0.3`` (MIM: P(c > 0), 0.1). The penalty on
+        P(c > τ), the probability that the hard gate opens, peaks where the gates are decided, not at
+        a = −0.5; 0.2 closes too little, 0.5 closes clean steps too (at 1.0: a third of the clean text
+        steps).
+      - ``mask_ratio = 1`` (MIM: 5): at T = 20 a ratio of 5 leaves 4 units in the time MLP. With the skip
+        connection ratio 5 works too (text closes more impure and more clean steps); kept from the
+        earlier demo.
+      - ``mask_score_bias = 0.1`` (MIM: PyTorch's default init): kept from the earlier demo, whose score
+        ReLU could start dead; the linear score cannot die.
+      Measured limits (README, "What the demo shows"): pooling over T values a clean step by |y| (closing
+      it moves the prediction towards the intercept), so the clean steps of weak-sentiment samples close
+      and the impure steps of strong ones stay open; the pooling over open steps removes that but lets the
+      penalty close whole positions (``pool_norm="open"`` closes impure and clean steps alike).
+    * the synthetic data (``DEMO_SYNTHETIC``, used by every preset: it is the data, not a setting):
+      impure steps are one contiguous stretch per sample (the generator's docstring's "off-topic
+      stretch, like a quote or background speech") that carries a marker (its own signature, as
+      background speech or a sensor fault has its own spectrum), instead of scattered, step-for-step
+      indistinguishable steps. The encoders mix neighbouring steps (Conv1d k=3, and attention for
+      audio/vision), so a scattered impure step is mostly clean context after encoding and closing it
+      removes signal; without a marker nothing local tells it apart.
+    ``loc_bias`` stays MIM's 3 (gates start open).
+
+    Options that are not MIM and no preset uses (ablations and the investigation): ``upn=False`` (no
+    purification networks: k_m = u_m), ``kgs_transfer=False`` (no intra/inter knowledge transfer; the L1
+    terms stay), ``pool_norm="open"`` (the purified mean over the open steps instead of over T),
+    ``penalty_scale="task"`` (the penalty weight times the step's detached task L1) or ``"sample"`` (each
+    sample's steps priced by its |yk − bias|, :func:`sample_scaled_penalty`), ``penalty_warmup`` (the weight
+    ramps up from 0 over that many epochs).
     """
 
     data: str = "synthetic"          # "synthetic" or the path of a MAG-BERT / MMSA pickle
+    preset: Optional[str] = None     # "mim" or "demo"; None: "demo" on synthetic data, "mim" on a pickle
     out: str = "runs/mim"            # the run folder
     seed: int = 0
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    d_model: int = 40
-    heads: int = 5
-    fusion: str = "multiplication"
-    activation: str = "tanh"
-    per_sample: bool = True          # KGS routing per sample (paper) or by batch means (released code)
-    kd_scale: float = 10.0
-    kd_divide_T: bool = False
-    penalty_weight: Optional[float] = None  # weight of Σ_m P_m in phase A; None: 1.0 on the synthetic demo,
-                                     # MIM's 0.1 on a pickle (see DEMO DEVIATIONS)
-    loc_bias: float = 3.0            # the gate's a = g + loc_bias (MIM: 3, i.e. gates start open)
-    gate_penalty: str = "mim"        # "mim" (P(c > 0), published) or "threshold" (P(c > τ))
-    mask_ratio: Optional[int] = None  # the mask learner's time bottleneck T → T/ratio → T; None: 1 on the
-                                     # synthetic demo, MIM's 5 on a pickle (see DEMO DEVIATIONS)
-    mask_score_bias: Optional[float] = 0.1  # initial bias of the score unit (pooler3[2]); None = PyTorch's
-                                     # default init (MIM; its ReLU can start dead, see below)
-    optimizer: str = "two-phase"     # or "joint"
-    eval_gate: str = "expected"      # or "sample" (the published evaluation)
+    # -- from the preset unless given (None) --------------------------------------------------------------
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    d_model: Optional[int] = None
+    heads: Optional[int] = None
+    text_layers: Optional[int] = None  # Transformer layers after the text Conv1d (MIM: 0)
+    av_layers: Optional[int] = None  # ... after the audio/vision Conv1d (MIM: 3)
+    fusion: Optional[str] = None     # "multiplication" (MIM), "add", "concat", "tensor"
+    activation: Optional[str] = None  # φ of the poolings: "tanh", "relu", "identity"
+    optimizer: Optional[str] = None  # "two-phase" (MIM) or "joint"
+    drop_last: Optional[bool] = None  # drop the last incomplete training batch of an epoch (MIM: True)
+    per_sample: Optional[bool] = None  # KGS routing per sample (paper) or by batch means (released code)
+    kgs_transfer: Optional[bool] = None  # False: no intra/inter terms (KGS off; an ablation)
+    kd_scale: Optional[float] = None
+    kd_divide_T: Optional[bool] = None
+    upn: Optional[bool] = None       # False: no purification networks, k_m = u_m (an ablation)
+    penalty_weight: Optional[float] = None  # weight of Σ_m P_m in phase A (MIM: 0.1)
+    penalty_scale: Optional[str] = None  # "none" (MIM), "task" (× the step's task L1) or "sample" (see above)
+    penalty_warmup: Optional[float] = None  # epochs over which the penalty weight ramps up from 0 (MIM: 0)
+    gate_penalty: Optional[str] = None  # "mim" (P(c > 0), published) or "threshold" (P(c > τ))
+    loc_bias: Optional[float] = None  # the gate's a = g + loc_bias (MIM: 3, i.e. gates start open)
+    mask_ratio: Optional[int] = None  # the mask learner's time bottleneck T → T/ratio → T (MIM: 5)
+    mask_score_bias: Optional[Union[float, str]] = None  # initial bias of the score unit (pooler3[2]);
+                                     # "pytorch" = PyTorch's default init (MIM)
+    mask_score_relu: Optional[bool] = None  # the ReLU that ends the score MLP (MIM: True)
+    mask_residual: Optional[bool] = None  # logits = time MLP(scores) + scores (MIM: False, the MLP alone)
+    pool_norm: Optional[str] = None  # purified pooling over "T" (MIM) or over the "open" steps
+    eval_gate: Optional[str] = None  # "expected" or "sample" (the published evaluation)
+    # -- not in the presets --------------------------------------------------------------------------------
     amp: str = "none"                # "none", "bf16" or "fp16"
     device: str = "auto"
     backend: str = "auto"
-    text_layers: int = 0             # Transformer layers after the text Conv1d (MIM: 0)
-    av_layers: int = 1               # ... after the audio/vision Conv1d (MIM: 3; the demo uses 1 for speed)
     synthetic: Dict[str, float] = field(default_factory=lambda: dict(DEMO_SYNTHETIC))  # mim_fast.data.synthetic()
                                      # options (replaces DEMO_SYNTHETIC as a whole when given)
     max_len: int = 50                # MAG-BERT pickles: pad/truncate to this many words
@@ -130,9 +191,11 @@ class TrainConfig:
     world_size: int = 1
 
     def __post_init__(self):
-        demo = self.data == "synthetic"
-        defaults = DEMO_DEFAULTS if demo else MIM_DEFAULTS
-        for name, value in defaults.items():
+        if self.preset is None:
+            self.preset = "demo" if self.data == "synthetic" else "mim"
+        if self.preset not in PRESETS:
+            raise ValueError("preset must be one of %s; got %r" % (", ".join(map(repr, PRESETS)), self.preset))
+        for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.validate()
@@ -171,19 +234,22 @@ class TrainConfig:
             integer(name, minimum)
         for name in ("lr", "kd_scale"):
             number(name, positive=True)
-        for name in ("weight_decay", "penalty_weight"):
+        for name in ("weight_decay", "penalty_weight", "penalty_warmup"):
             number(name)
         if isinstance(self.loc_bias, bool) or not isinstance(self.loc_bias, (int, float)) or \
                 not math.isfinite(self.loc_bias):
             bad("loc_bias", "a finite number")
-        if self.mask_score_bias is not None and (isinstance(self.mask_score_bias, bool) or not isinstance(
+        if self.mask_score_bias != "pytorch" and (isinstance(self.mask_score_bias, bool) or not isinstance(
                 self.mask_score_bias, (int, float)) or not math.isfinite(self.mask_score_bias)):
-            bad("mask_score_bias", "a finite number or None")
+            bad("mask_score_bias", "a finite number or 'pytorch' (PyTorch's default init)")
         choice("fusion", ("multiplication", "add", "concat", "tensor"))
         choice("activation", ("tanh", "relu", "identity"))
-        choice("per_sample", (True, False))
-        choice("kd_divide_T", (True, False))
+        for name in ("per_sample", "kgs_transfer", "kd_divide_T", "upn", "drop_last", "mask_score_relu",
+                     "mask_residual"):
+            choice(name, (True, False))
         choice("gate_penalty", ("mim", "threshold"))
+        choice("penalty_scale", PENALTY_SCALES)
+        choice("pool_norm", ("T", "open"))
         choice("optimizer", ("two-phase", "joint"))
         choice("eval_gate", ("expected", "sample"))
         choice("amp", ("none", "bf16", "fp16"))
@@ -198,9 +264,14 @@ class TrainConfig:
         if self.bert_path is not None and not os.path.isdir(str(self.bert_path)):
             raise ValueError("bert_path (--bert): %s is not a folder (a local Hugging Face BERT)" % self.bert_path)
 
+    def overrides(self) -> Dict[str, object]:
+        """The preset fields whose value differs from the preset's: {name: value}."""
+        return {k: getattr(self, k) for k, v in PRESETS[self.preset].items() if getattr(self, k) != v}
+
 
 # TrainConfig fields whose command-line flag is not --<field with dashes>
-_FLAGS = {"per_sample": "--routing", "bert_path": "--bert", "data": "--data"}
+_FLAGS = {"per_sample": "--routing", "kgs_transfer": "--routing off", "upn": "--no-upn", "av_layers": "--layers",
+          "bert_path": "--bert", "data": "--data"}
 
 
 def _flag(name: str) -> str:
@@ -293,16 +364,18 @@ class Batch(NamedTuple):
 
 
 def batches(split, batch_size: int, *, shuffle: bool, device: torch.device, seed: int = 0,
-            world: Optional[World] = None) -> Iterator[Batch]:
+            world: Optional[World] = None, drop_last: bool = False) -> Iterator[Batch]:
     """Global batches of ``batch_size`` samples of a :class:`~mim_fast.data.MultimodalSplit` (the last one
-    may be smaller), shuffled by a generator seeded with ``seed``. With a ``world`` of several processes,
-    every process goes through the same global batches and gets only its part of each
-    (:func:`mim_fast.distributed.shard`: contiguous, the first B mod N ranks one sample more, possibly
-    none), with ``part`` saying where it sits; nothing is padded or dropped."""
+    may be smaller; ``drop_last`` leaves it out when it is incomplete, as the released code's train loader),
+    shuffled by a generator seeded with ``seed``. With a ``world`` of several processes, every process goes
+    through the same global batches and gets only its part of each (:func:`mim_fast.distributed.shard`:
+    contiguous, the first B mod N ranks one sample more, possibly none), with ``part`` saying where it sits;
+    nothing is padded."""
     world = world or World()
     n = len(split)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-    for first in range(0, n, batch_size):
+    end = n - n % batch_size if drop_last and n >= batch_size else n
+    for first in range(0, end, batch_size):
         members = order[first:first + batch_size]
         start, stop = distributed.shard(len(members), world)
         raw = split.batch(members[start:stop])
@@ -344,9 +417,10 @@ def build_model(dataset, config: TrainConfig) -> MIM:
             layers = config.text_layers if m == "text" else config.av_layers
             specs.append(ModalitySpec(m, "features", dataset.dims[m], T, layers))
     model = MIM(specs, d_model=config.d_model, fusion=config.fusion, activation=config.activation,
-                heads=config.heads, backend=config.backend, eval_mode=config.eval_gate, loc_bias=config.loc_bias,
-                penalty=config.gate_penalty, ratio=config.mask_ratio)
-    if config.mask_score_bias is not None:
+                heads=config.heads, backend=config.backend, eval_mode=config.eval_gate, upn=config.upn,
+                pool_norm=config.pool_norm, loc_bias=config.loc_bias, penalty=config.gate_penalty,
+                ratio=config.mask_ratio, score_relu=config.mask_score_relu, residual=config.mask_residual)
+    if config.mask_score_bias != "pytorch":
         with torch.no_grad():
             for learner in model.masks.values():
                 learner.pooler3[2].bias.fill_(config.mask_score_bias)
@@ -423,8 +497,46 @@ def _penalty_share(penalty: torch.Tensor, batch, part: Optional[GlobalPart], mod
     return torch.stack(shares).sum()
 
 
-def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, device: torch.device):
-    """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B).
+def penalty_ramp(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """The factor on the penalty weight at step ``step`` (0-based) of ``steps`` in epoch ``epoch`` (1-based):
+    rising linearly from 0 to 1 over the first ``penalty_warmup`` epochs, then 1 (always 1 without warm-up)."""
+    if config.penalty_warmup <= 0:
+        return 1.0
+    return min(1.0, (epoch - 1 + step / max(steps, 1)) / config.penalty_warmup)
+
+
+def sample_scaled_penalty(model: MIM, out, lengths, config: TrainConfig) -> torch.Tensor:
+    """Σ_m of the gate penalty with each sample's steps priced by how much its prediction rests on its
+    representation (``penalty_scale="sample"``): q (B, T) from the logits (the op's own penalty term,
+    SPEC §1) weighted per sample by r_b = |yk_b − bias| / mean_b |yk_b − bias| (detached; mean 1 over
+    the batch), then averaged over the valid steps. Over T, closing a step of sample b moves its
+    prediction yk_b − bias towards 0 by about (yk_b − bias)/n: for a sample with a weak prediction
+    closing is nearly free and an unscaled penalty closes its clean steps; for a strong one the pull of
+    its same-sign impure steps outweighs it."""
+    from .reference import penalty_log_ratio
+
+    terms = []
+    for i, spec in enumerate(model.specs):
+        gate = model.masks[spec.name].mask
+        shift = gate.beta * penalty_log_ratio(gate.penalty, gate.gamma, gate.zeta, gate.threshold)
+        q = torch.sigmoid(out.logits[i].float() + gate.loc_bias - shift)  # (B, T)
+        dev = (out.yk[i].float() - model.heads[spec.name].bias.float()).detach().abs()  # (B,)
+        r = dev / dev.mean().clamp(min=1e-12)
+        L = lengths.get(spec.name) if lengths else None
+        if L is None:
+            terms.append((q.mean(1) * r).mean())
+        else:
+            T = q.shape[1]
+            valid = torch.arange(T, device=q.device)[None, :] < L.to(q.device)[:, None]
+            per = torch.where(valid, q, torch.zeros_like(q)).sum(1)
+            terms.append((per * r).sum() / valid.sum().clamp(min=1))
+    return torch.stack(terms).sum()
+
+
+def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, device: torch.device,
+                   penalty_factor: float = 1.0):
+    """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B). ``penalty_factor``
+    multiplies the penalty weight (:func:`penalty_ramp`).
 
     ``model`` may be wrapped in DistributedDataParallel: its forward then runs under ``no_sync``, since the
     step takes its two gradient sets with torch.autograd.grad and all-reduces them itself
@@ -438,6 +550,9 @@ def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, devi
     net = _unwrap(model)
     world = distributed.current()
     part = _global_part(batch, world)
+    if world.size > 1 and config.penalty_scale != "none":
+        raise ValueError("penalty_scale=%r prices the penalty by batch statistics, which one process does not have "
+                         "on %d processes: use penalty_scale='none' with torchrun" % (config.penalty_scale, world.size))
     inputs, lengths, y = batch.inputs, batch.lengths, batch.labels
     size = len(y) if part is None else part.size
     with named_range("mim/gate_noise"):
@@ -448,9 +563,13 @@ def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, devi
         kgs = _kgs_share(out, y, config, part, world)
     with named_range("mim/task_loss"):
         task = (out.prediction.float() - y).abs().sum() / size
-        penalty = _penalty_share(out.penalty.float(), batch, part, net)
-        loss_a = config.penalty_weight * penalty + kgs.masked
-        loss_b = kgs.unmasked + kgs.inter + kgs.intra + task
+        weight = config.penalty_weight * penalty_factor * (task.detach() if config.penalty_scale == "task" else 1.0)
+        penalty = sample_scaled_penalty(net, out, lengths, config) if config.penalty_scale == "sample" \
+            else _penalty_share(out.penalty.float(), batch, part, net)
+        loss_a = weight * penalty + kgs.masked
+        loss_b = kgs.unmasked + task
+        if config.kgs_transfer:
+            loss_b = loss_b + kgs.inter + kgs.intra
     return out, kgs, task, loss_a, loss_b
 
 
@@ -465,7 +584,9 @@ class Optimizers:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.upn = model.upn_parameters()
         kw = dict(lr=config.lr, weight_decay=config.weight_decay)
-        if config.optimizer == "two-phase":
+        if config.optimizer == "two-phase" and not self.upn:  # no purification networks: phase B alone
+            self.opts = [torch.optim.Adam(self.params, **kw)]
+        elif config.optimizer == "two-phase":
             self.opts = [torch.optim.Adam(self.upn, **kw), torch.optim.Adam(self.params, **kw)]
         elif config.optimizer == "joint":
             self.opts = [torch.optim.Adam(self.params, **kw)]
@@ -476,7 +597,9 @@ class Optimizers:
 
     @property
     def groups(self) -> List[list]:
-        return [self.params] if self.config.optimizer == "joint" else [self.upn, self.params]
+        """The parameter set of each optimizer: one for "joint" or a model without purification networks
+        (phase B alone), else (mask learners, everything)."""
+        return [self.params] if self.config.optimizer == "joint" or not self.upn else [self.upn, self.params]
 
     def gradients(self, loss_a: Optional[torch.Tensor], loss_b: Optional[torch.Tensor]) -> List[tuple]:
         """This process's gradient sets (None where a loss does not reach a parameter; all None when the
@@ -484,7 +607,10 @@ class Optimizers:
         groups = self.groups
         if loss_a is None:
             return [(None,) * len(g) for g in groups]
-        losses = [loss_a + loss_b] if self.config.optimizer == "joint" else [loss_a, loss_b]
+        if self.config.optimizer == "joint":
+            losses = [loss_a + loss_b]
+        else:
+            losses = [loss_a, loss_b] if self.upn else [loss_b]
         if self.scaler is not None:
             losses = [self.scaler.scale(v) for v in losses]
         # Both gradient sets from the same graph before either step: the released code's in-place order
@@ -545,15 +671,17 @@ def compile_model(model: MIM) -> MIM:
 LOGGED = ("task", "masked", "unmasked", "intra", "inter", "penalty")
 
 
-def train_step(model: MIM, opt: Optimizers, batch, config: TrainConfig, noise_seed: int, device: torch.device):
+def train_step(model: MIM, opt: Optimizers, batch, config: TrainConfig, noise_seed: int, device: torch.device,
+               penalty_factor: float = 1.0):
     """One MIM update; returns this process's shares of the step's losses (:data:`LOGGED`) as detached 0-d
     float32 tensors on ``device`` — no host sync; summed over processes they are the global batch's.
+    ``penalty_factor`` multiplies the penalty weight (:func:`penalty_ramp`).
 
     A process whose part of the global batch is empty (the last batch of an epoch can be smaller than the
     number of processes) runs no forward pass but takes part in the step's collectives with nothing, and
     takes the same Adam steps as the others."""
     if len(batch.labels):
-        out, kgs, task, loss_a, loss_b = compute_losses(model, batch, config, noise_seed, device)
+        out, kgs, task, loss_a, loss_b = compute_losses(model, batch, config, noise_seed, device, penalty_factor)
         opt.step(loss_a, loss_b)
         penalty = _penalty_share(out.penalty.float(), batch, batch.part, _unwrap(model))
         logged = (task, kgs.masked, kgs.unmasked, kgs.intra, kgs.inter, penalty)
@@ -574,9 +702,11 @@ class TrainingDiverged(ValueError):
 @torch.no_grad()
 def evaluate(model: MIM, split, config: TrainConfig, device: torch.device, seed: int,
              epoch: Optional[int] = None) -> dict:
-    """Predictions of a split (eval mode) → the MAG-BERT metrics, the L1 loss, and, where the split has
-    ground-truth impurity masks, the purification quality of the gates. Raises :class:`TrainingDiverged`
-    when a prediction is NaN/inf. (Runs in this process alone: in multi-process training, rank 0.)"""
+    """Predictions of a split (eval mode) → :func:`mim_fast.metrics.regression_metrics` (both conventions,
+    by name), the L1 loss (``l1``, the per-sample mean: the model-selection criterion), and, where the
+    split has ground-truth impurity masks, the purification quality of the gates (``purification``).
+    Raises :class:`TrainingDiverged` when a prediction is NaN/inf. (Runs in this process alone: in
+    multi-process training, rank 0.)"""
     model = _unwrap(model)
     model.eval()
     preds, labels, gates, masks, lens = [], [], {n: [] for n in model.names}, {n: [] for n in model.names}, \
@@ -732,6 +862,10 @@ def _resume_point(out: str, changes: dict, warn) -> tuple:
     if dropped:
         raise RunFolderError("--resume: %s was written by another version of mim_fast (unknown settings %s)"
                              % (os.path.basename(path), ", ".join(dropped)))
+    missing = sorted(k for k in PRESETS["mim"] if k not in saved)
+    if missing:  # a preset would fill them, possibly with values the run never had
+        raise RunFolderError("--resume: %s was written by another version of mim_fast (no setting %s)"
+                             % (os.path.basename(path), _preview(missing)))
     config = TrainConfig(**saved)
     done = int(ck["epoch"])
     if config.epochs < done:
@@ -929,8 +1063,10 @@ def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, 
                 device, ", ".join("%s %s" % kv for kv in backends.items()), torch.get_num_threads(),
                 "" if torch.get_num_threads() == 1 else "s",
                 ", %d processes (global batch %d)" % (world.size, config.batch_size) if world.size > 1 else ""))
-            log("trivial baseline (predict the train mean): test MAE %.4f, Acc-2 %.4f, Acc-7 %.4f" % (
-                baseline["mae"], baseline["acc2"], baseline["acc7"]))
+            log("preset %s%s" % (config.preset, "; overrides: " + ", ".join(
+                "%s=%s" % kv for kv in config.overrides().items()) if config.overrides() else " (no overrides)"))
+            log("trivial baseline (predict the train mean): test MAE(all) %.4f, Acc-2(non0) %.4f, Acc-7 %.4f" % (
+                baseline["mae_all"], baseline["acc2_non0"], baseline["acc7"]))
         log(_header(has_impurity))
 
     try:
@@ -943,9 +1079,11 @@ def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, 
             model.train()
             sums, n = torch.zeros(len(LOGGED), dtype=torch.float64, device=device), 0
             epoch_batches = list(batches(dataset.train, config.batch_size, shuffle=True, device=device,
-                                         seed=_epoch_seed(config.seed, epoch, 2), world=world))
+                                         seed=_epoch_seed(config.seed, epoch, 2), world=world,
+                                         drop_last=config.drop_last))
             for i, batch in enumerate(epoch_batches, 1):
-                losses = train_step(model, opt, batch, config, noise_seed, device)
+                losses = train_step(model, opt, batch, config, noise_seed, device,
+                                    penalty_ramp(config, epoch, i - 1, len(epoch_batches)))
                 sums += torch.stack([losses[k] for k in LOGGED]).double()
                 n += 1
                 steps += 1
@@ -988,17 +1126,34 @@ def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, 
         _plots(final, out, log)
         best = state["best"]
         if best is not None:
-            log("best epoch %d (lowest dev L1 %.4f): test MAE %.4f, Corr %.4f, Acc-2 %.4f, F1 %.4f, Acc-7 %.4f" % (
-                best["epoch"], best["dev"]["l1"], best["test"]["mae"], best["test"]["corr"], best["test"]["acc2"],
-                best["test"]["f1"], best["test"]["acc7"]))
+            log("best epoch %d (lowest dev L1 %.4f), test metrics:" % (best["epoch"], best["dev"]["l1"]))
+            log(metrics_table(best["test"]))
         log("wrote %s" % out)
 
     main_only(finish)
     return final
 
 
+# The columns of the per-epoch table: (metrics key, header). Test metrics, the two conventions named.
+_COLUMNS = (("mae_all", "MAE all"), ("corr_all", "Corr all"), ("acc2_has0", "Acc2 has0"),
+            ("acc2_non0", "Acc2 non0"), ("f1_non0", "F1 non0"), ("acc7", "Acc7"))
+
+
+def metrics_table(m: dict) -> str:
+    """A two-column text table of :func:`~mim_fast.metrics.regression_metrics`' output, each convention
+    named: MAE/Corr on all samples and on y ≠ 0, Acc-2/F1 has-0, non-0 by MAG-BERT's rule (pred ≥ 0, what
+    MIM reports) and by MMSA's (pred > 0), Acc-5, Acc-7."""
+    names = {"mae_all": "MAE, all samples (MMSA)", "corr_all": "Corr, all samples (MMSA)",
+             "mae_non0": "MAE, y != 0 (MAG-BERT, MIM)", "corr_non0": "Corr, y != 0 (MAG-BERT, MIM)",
+             "acc2_has0": "Acc-2 has-0: pred >= 0 vs y >= 0, all", "f1_has0": "F1 has-0 (weighted)",
+             "acc2_non0": "Acc-2 non-0, MAG-BERT (MIM): pred >= 0, y != 0", "f1_non0": "F1 non-0, MAG-BERT (MIM)",
+             "acc2_non0_mmsa": "Acc-2 non-0, MMSA: pred > 0, y != 0", "f1_non0_mmsa": "F1 non-0, MMSA",
+             "acc5": "Acc-5 (clip ±2)", "acc7": "Acc-7 (clip ±3)"}
+    return "\n".join("  %-48s %.4f" % (names[k], m[k]) for k in metrics_lib.METRIC_KEYS)
+
+
 def _header(impurity: bool) -> str:
-    cols = "epoch | train L1 | dev L1 | test MAE | Corr   | Acc-2  | F1     | Acc-7  |"
+    cols = "epoch | train L1 | dev L1 | " + " | ".join(h for _, h in _COLUMNS) + " |"
     if impurity:
         cols += " gate closed impure/clean (per modality) |"
     return cols + "  time"
@@ -1006,8 +1161,8 @@ def _header(impurity: bool) -> str:
 
 def _row(row: dict, best: bool) -> str:
     t = row["test"]
-    s = "%5d | %8.4f | %6.4f | %8.4f | %.4f | %.4f | %.4f | %.4f |" % (
-        row["epoch"], row["train"]["task"], row["dev"]["l1"], t["mae"], t["corr"], t["acc2"], t["f1"], t["acc7"])
+    s = "%5d | %8.4f | %6.4f | " % (row["epoch"], row["train"]["task"], row["dev"]["l1"]) + " | ".join(
+        "%*.4f" % (len(h), t[k]) for k, h in _COLUMNS) + " |"
     if "purification" in t:
         s += " " + " ".join("%s %.2f/%.2f" % (n[0], v["closed_impure"], v["closed_clean"])
                             for n, v in t["purification"].items()) + " |"
@@ -1046,8 +1201,8 @@ def _plots(result: dict, out: str, log) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     ax[0].plot(ep, [h["train"]["task"] for h in hist], marker=".", label="train L1 (task loss)")
     ax[0].plot(ep, [h["dev"]["l1"] for h in hist], marker=".", label="dev L1 (selects the best epoch)")
-    ax[0].plot(ep, [h["test"]["mae"] for h in hist], marker=".", label="test MAE (non-0 labels)")
-    ax[0].axhline(result["baseline"]["mae"], color="gray", ls="--", label="test MAE of the train mean")
+    ax[0].plot(ep, [h["test"]["mae_all"] for h in hist], marker=".", label="test MAE (all samples)")
+    ax[0].axhline(result["baseline"]["mae_all"], color="gray", ls="--", label="test MAE of the train mean")
     mark_best(ax[0])
     ax[0].set_xlabel("epoch")
     ax[0].set_ylabel("mean |prediction − label| (sentiment units)")
@@ -1055,14 +1210,14 @@ def _plots(result: dict, out: str, log) -> None:
     ax[0].set_ylim(bottom=0)
     ax[0].grid(True, alpha=0.3)
     ax[0].legend(fontsize=8, loc="upper right")
-    for key, label in (("acc2", "Acc-2 (sign, non-0 labels)"), ("f1", "weighted F1 (non-0)"),
-                       ("acc7", "Acc-7 (7 classes)"), ("corr", "Pearson correlation")):
+    for key, label in (("acc2_non0", "Acc-2 (sign, non-0 labels, MAG-BERT)"), ("f1_non0", "weighted F1 (non-0)"),
+                       ("acc7", "Acc-7 (7 classes)"), ("corr_all", "Pearson correlation (all samples)")):
         ax[1].plot(ep, [h["test"][key] for h in hist], marker=".", label=label)
     mark_best(ax[1])
     ax[1].set_xlabel("epoch")
     ax[1].set_ylabel("score (higher is better)")
     ax[1].set_title("test split metrics")
-    ax[1].set_ylim(min(0.0, min(h["test"]["corr"] for h in hist)) - 0.02, 1.02)
+    ax[1].set_ylim(min(0.0, min(h["test"]["corr_all"] for h in hist)) - 0.02, 1.02)
     ax[1].grid(True, alpha=0.3)
     ax[1].legend(fontsize=8, loc="lower right")
     save(fig, "curves.png")

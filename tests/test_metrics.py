@@ -1,5 +1,5 @@
-"""mim_fast.metrics: the MAG-BERT protocol against hand-computed cases and against plain-Python
-re-implementations on random data (weighted F1 against an independent brute force of sklearn's
+"""mim_fast.metrics: both conventions (MAG-BERT's, MMSA's) against hand-computed cases and against
+plain-Python re-implementations on random data (weighted F1 against an independent brute force of sklearn's
 definition), the edge cases (all labels 0, constant predictions, ties at 0, rounding ties), and the
 purification metrics."""
 import math
@@ -13,7 +13,8 @@ from mim_fast import metrics
 from mim_fast.data import synthetic
 from mim_fast.metrics import pearson, purification_metrics, regression_metrics, weighted_f1
 
-KEYS = {"acc7", "acc2", "f1", "mae", "corr", "acc2_has0", "f1_has0"}
+KEYS = {"mae_all", "corr_all", "mae_non0", "corr_non0", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0",
+        "acc2_non0_mmsa", "f1_non0_mmsa", "acc5", "acc7"}
 
 
 def brute_weighted_f1(y_true, y_pred):
@@ -35,15 +36,24 @@ def brute_weighted_f1(y_true, y_pred):
 
 
 def plain_metrics(preds, labels):
-    """The protocol written out sample by sample in Python floats."""
+    """Both protocols written out sample by sample in Python floats (MAG-BERT's test_score_model with
+    use_zero False/True, MMSA's MetricsTop regression metrics)."""
     preds, labels = [float(p) for p in preds], [float(y) for y in labels]
-    clip = lambda v: min(3.0, max(-3.0, v))  # noqa: E731
-    out = {"acc7": sum(round(clip(p)) == round(clip(y)) for p, y in zip(preds, labels)) / len(labels)}
+
+    def acc(bound):
+        clip = lambda v: min(bound, max(-bound, v))  # noqa: E731
+        return sum(round(clip(p)) == round(clip(y)) for p, y in zip(preds, labels)) / len(labels)
+
+    out = {"acc7": acc(3.0), "acc5": acc(2.0)}
     pairs = [(p, y) for p, y in zip(preds, labels) if y != 0]
-    out["acc2"] = sum((p >= 0) == (y >= 0) for p, y in pairs) / len(pairs)
-    out["f1"] = brute_weighted_f1([y >= 0 for _, y in pairs], [p >= 0 for p, _ in pairs])
-    out["mae"] = sum(abs(p - y) for p, y in pairs) / len(pairs)
-    out["corr"] = float(np.corrcoef([p for p, _ in pairs], [y for _, y in pairs])[0, 1])
+    out["acc2_non0"] = sum((p >= 0) == (y >= 0) for p, y in pairs) / len(pairs)
+    out["f1_non0"] = brute_weighted_f1([y >= 0 for _, y in pairs], [p >= 0 for p, _ in pairs])
+    out["acc2_non0_mmsa"] = sum((p > 0) == (y > 0) for p, y in pairs) / len(pairs)
+    out["f1_non0_mmsa"] = brute_weighted_f1([y > 0 for _, y in pairs], [p > 0 for p, _ in pairs])
+    out["mae_non0"] = sum(abs(p - y) for p, y in pairs) / len(pairs)
+    out["corr_non0"] = float(np.corrcoef([p for p, _ in pairs], [y for _, y in pairs])[0, 1])
+    out["mae_all"] = sum(abs(p - y) for p, y in zip(preds, labels)) / len(labels)
+    out["corr_all"] = float(np.corrcoef(preds, labels)[0, 1])
     out["acc2_has0"] = sum((p >= 0) == (y >= 0) for p, y in zip(preds, labels)) / len(labels)
     out["f1_has0"] = brute_weighted_f1([y >= 0 for y in labels], [p >= 0 for p in preds])
     return out
@@ -54,15 +64,24 @@ def test_hand_computed_case():
     labels = [3.0, 0.0, 1.0, -0.6, -2.0, -1.4, 3.0, 0.0]
     m = regression_metrics(preds, labels)
     assert set(m) == KEYS and all(type(v) is float for v in m.values())
-    # acc7: round(clip): preds 3, -0, 0, 0, -2 (half to even), 1, 3, 0; labels 3, 0, 1, -1, -2, -1, 3, 0
+    assert tuple(m) == metrics.METRIC_KEYS
+    # acc7: round(clip(., ±3)): preds 3, -0, 0, 0, -2 (half to even), 1, 3, 0; labels 3, 0, 1, -1, -2, -1, 3, 0
     assert m["acc7"] == 5 / 8
+    # acc5: round(clip(., ±2)): preds 2, -0, 0, 0, -2, 1, 2, 0; labels 2, 0, 1, -1, -2, -1, 2, 0
+    assert m["acc5"] == 5 / 8
     # non-0 samples (y != 0): indices 0, 2, 3, 4, 5, 6; pred >= 0: T, T, T, F, T, T; y >= 0: T, T, F, F, F, T
-    assert m["acc2"] == 4 / 6
+    assert m["acc2_non0"] == 4 / 6
     # classes True (support 3; tp 3, fp 2, fn 0 -> 6/8) and False (support 3; tp 1, fp 0, fn 2 -> 2/4)
-    assert m["f1"] == pytest.approx((3 * 6 / 8 + 3 * 2 / 4) / 6, abs=1e-15)
-    assert m["mae"] == pytest.approx((0.4 + 1.0 + 0.6 + 0.5 + 2.6 + 7.0) / 6, abs=1e-12)
+    assert m["f1_non0"] == pytest.approx((3 * 6 / 8 + 3 * 2 / 4) / 6, abs=1e-15)
+    # MMSA's non-0: pred > 0: T, F, F, F, T, T (the two exact 0s now negative); y > 0: T, T, F, F, F, T
+    assert m["acc2_non0_mmsa"] == 4 / 6  # sample 2 (0 vs 1) now wrong, sample 3 (0 vs -0.6) now right
+    # True: support 3, tp 2, fp 1, fn 1 -> 4/6; False: support 3, tp 2, fp 1, fn 1 -> 4/6
+    assert m["f1_non0_mmsa"] == pytest.approx(4 / 6, abs=1e-15)
+    assert m["mae_non0"] == pytest.approx((0.4 + 1.0 + 0.6 + 0.5 + 2.6 + 7.0) / 6, abs=1e-12)
+    assert m["mae_all"] == pytest.approx((0.4 + 0.4 + 1.0 + 0.6 + 0.5 + 2.6 + 7.0 + 0.3) / 8, abs=1e-12)
     p, y = np.array([2.6, 0.0, 0.0, -2.5, 1.2, 10.0]), np.array([3.0, 1.0, -0.6, -2.0, -1.4, 3.0])
-    assert m["corr"] == pytest.approx(np.corrcoef(p, y)[0, 1], abs=1e-12)
+    assert m["corr_non0"] == pytest.approx(np.corrcoef(p, y)[0, 1], abs=1e-12)
+    assert m["corr_all"] == pytest.approx(np.corrcoef(preds, labels)[0, 1], abs=1e-12)
     # has-0, all 8: pred >= 0: T F T T F T T T; y >= 0: T T T F F F T T -> 5 agree
     assert m["acc2_has0"] == 5 / 8
     # True: support 5, tp 4, fp 2, fn 1 -> 8/11; False: support 3, tp 1, fp 1, fn 2 -> 2/5
@@ -104,8 +123,10 @@ def test_weighted_f1_matches_brute_force():
 
 def test_all_labels_zero():
     m = regression_metrics([0.2, -0.7, 0.0], [0.0, 0.0, 0.0])
-    assert all(math.isnan(m[k]) for k in ("acc2", "f1", "mae", "corr"))
-    assert m["acc7"] == 2 / 3  # round(-0.7) = -1
+    assert all(math.isnan(m[k]) for k in ("acc2_non0", "f1_non0", "acc2_non0_mmsa", "f1_non0_mmsa", "mae_non0",
+                                          "corr_non0"))
+    assert m["acc7"] == m["acc5"] == 2 / 3  # round(-0.7) = -1
+    assert m["mae_all"] == pytest.approx(0.3) and m["corr_all"] == 0.0  # constant labels
     assert m["acc2_has0"] == 2 / 3  # y = 0 counts as positive
     assert m["f1_has0"] == pytest.approx(brute_weighted_f1([True] * 3, [True, False, True]))
 
@@ -116,19 +137,24 @@ def test_constant_predictions_and_labels_give_zero_corr_silently():
         warnings.simplefilter("error")
         for c in (0.0, 0.1, -1.7, 1e-30):  # 0.1: the float mean of 50 copies is not exactly 0.1
             m = regression_metrics(np.full(50, c), labels)
-            assert m["corr"] == 0.0
-        assert regression_metrics(np.full(50, 0.1), labels)["acc2"] == 25 / 50  # y=0 is not in linspace(., 50)
+            assert m["corr_all"] == m["corr_non0"] == 0.0
+        assert regression_metrics(np.full(50, 0.1), labels)["acc2_non0"] == 25 / 50  # y=0 is not in linspace(., 50)
         assert pearson(np.arange(5.0), np.full(5, 2.0)) == 0.0
         assert pearson([1.0], [2.0]) == 0.0
-        assert regression_metrics([0.5], [1.0])["corr"] == 0.0
+        assert regression_metrics([0.5], [1.0])["corr_non0"] == 0.0
         assert math.isnan(pearson([], []))
 
 
 def test_ties_at_zero():
-    # a prediction of exactly 0 counts as positive, in both protocols
+    # MAG-BERT's rule (and has-0): a prediction of exactly 0 counts as positive
     m = regression_metrics([0.0, 0.0, 0.0, -0.0], [1.0, -1.0, 0.0, 2.0])
-    assert m["acc2"] == 2 / 3  # (0 vs 1): ok, (0 vs -1): wrong, (-0 vs 2): ok (-0.0 >= 0)
+    assert m["acc2_non0"] == 2 / 3  # (0 vs 1): ok, (0 vs -1): wrong, (-0 vs 2): ok (-0.0 >= 0)
     assert m["acc2_has0"] == 3 / 4  # (0 vs 0) agrees
+    # MMSA's non-0 rule: pred > 0 vs y > 0, so an exact 0 (or -0) is negative
+    assert m["acc2_non0_mmsa"] == 1 / 3  # (0 vs 1): wrong, (0 vs -1): ok, (-0 vs 2): wrong
+    # away from exact zeros the two non-0 rules agree
+    m = regression_metrics([0.3, -0.2, 1e-9, -1e-9], [1.0, -1.0, 0.0, 2.0])
+    assert m["acc2_non0"] == m["acc2_non0_mmsa"] == 2 / 3 and m["f1_non0"] == m["f1_non0_mmsa"]
     # acc7 rounds half to even, like np.round in the reference code
     assert regression_metrics([2.5, -2.5, 0.5, 1.5], [2.0, -2.0, 0.0, 2.0])["acc7"] == 1.0
     assert regression_metrics([3.6, -9.0], [3.0, -3.3])["acc7"] == 1.0  # clipped to ±3 first
@@ -153,7 +179,7 @@ def test_torch_inputs():
     assert regression_metrics(p[:, None], y) == ref  # (N, 1) predictions, as a model head returns
     assert regression_metrics(p.requires_grad_(), y) == ref
     mb = regression_metrics(p.detach().bfloat16(), y)
-    assert mb["mae"] == pytest.approx(ref["mae"], abs=0.05)
+    assert mb["mae_all"] == pytest.approx(ref["mae_all"], abs=0.05)
 
 
 @pytest.mark.parametrize("preds, labels, err, pattern", [

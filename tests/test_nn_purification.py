@@ -402,3 +402,129 @@ def test_mask_learner_rejects_bad_inputs():
         m(x, torch.tensor([3, 11]))
     with pytest.raises(TypeError, match="lengths"):
         m(x, torch.tensor([3.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pooling over the open steps (the demo's pool_norm="open"), composed on the op's outputs
+# ----------------------------------------------------------------------------------------------------------
+def open_mean_transcribed(x, logits, u, lengths, mode, activation, beta=1 / 3, gamma=-0.2, zeta=1.0, loc_bias=3.0,
+                          threshold=0.6):
+    """Σ_t φ(x_t·z_t) / max(Σ_t z_t, 1) written out from SPEC §1's gate (z = h + c − sg(c)), in float64."""
+    T, B, _ = x.shape
+    a = logits + loc_bias
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + a) / beta) if mode == "sample" else torch.sigmoid(a)
+    c = ((zeta - gamma) * s + gamma).clamp(0, 1)
+    h = (c > threshold).to(c.dtype)
+    z = h + (c - c.detach())
+    if lengths is not None:
+        valid = torch.arange(T)[None, :] < lengths[:, None]
+        z = torch.where(valid, z, torch.zeros_like(z))
+    phi = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda v: v}[activation]
+    total = phi(x * z.t()[..., None]).sum(0)  # (B, D)
+    return total / z.sum(1).clamp(min=1)[:, None], h
+
+
+@pytest.mark.parametrize("mode", ["sample", "expected"])
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["all-T", "lengths"])
+def test_pool_over_open_steps_is_the_mean_over_open_steps_with_its_straight_through_gradient(mode, activation,
+                                                                                           with_lengths):
+    T, B, D = 9, 4, 5
+    gate = PurificationGate(activation=activation, eval_mode=mode)
+    gate.train(mode == "sample")
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    logits = 2.0 * torch.randn(B, T, dtype=torch.float64) - 2.0
+    logits[0] = -20.0  # every gate of sample 0 closed: pools to 0, no NaN
+    u = make_noise(B, T)
+    lens = torch.tensor([9, 0, 4, 7]) if with_lengths else None
+    xg, lg = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = gate(xg, lg, lens, noise=u)
+    got = gate.pool_over_open_steps(out.pooled, out.gate, lg, u, lens)
+    w = torch.randn(B, D, dtype=torch.float64)
+    (got * w).sum().backward()
+    xw, lw = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    want, h = open_mean_transcribed(xw, lw, u, lens, mode, activation)
+    (want * w).sum().backward()
+    assert torch.equal(out.gate, h if lens is None else h * (torch.arange(T)[None, :] < lens[:, None]))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xg.grad, xw.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lg.grad, lw.grad, rtol=1e-10, atol=1e-12)
+    assert torch.equal(got[0], torch.zeros(D, dtype=torch.float64))
+    # the forward value is the plain mean of φ(x_t) over the open steps
+    phi = torch.tanh if activation == "tanh" else (lambda v: v)
+    n = out.gate.sum(1)
+    for b in range(1, B):
+        if n[b] > 0:
+            open_ = out.gate[b].bool()
+            want_b = phi(x[open_.nonzero()[:, 0], b]).mean(0)
+            torch.testing.assert_close(got[b].detach(), want_b, rtol=1e-12, atol=1e-12)
+    # Steps that all carry the same features: over the open steps the result does not depend on the gates,
+    # so no gate gets a gradient; over T, closing any step shrinks the result, so every gate is pushed.
+    if activation == "identity" and not with_lengths:
+        same = torch.randn(1, B, D, dtype=torch.float64).expand(T, B, D)
+        lg = logits.clone().requires_grad_()
+        out = gate(same, lg, noise=u)
+        (gate.pool_over_open_steps(out.pooled, out.gate, lg, u) * w).sum().backward()
+        assert lg.grad[1:].abs().max() < 1e-15  # (rounding only; sample 0: all closed, n clamped)
+        lg.grad = None
+        (gate(same, lg, noise=u).pooled * w).sum().backward()
+        assert lg.grad.abs().max() > 1e-3
+
+
+def test_mim_model_pool_norm_and_no_upn():
+    from mim_fast.nn import MIM, ModalitySpec
+
+    specs = [ModalitySpec("text", "features", 6, 10), ModalitySpec("audio", "features", 5, 10)]
+    inputs = {"text": torch.randn(3, 10, 6), "audio": torch.randn(3, 10, 5)}
+    torch.manual_seed(0)
+    t_model = MIM(specs, d_model=6, heads=2)
+    torch.manual_seed(0)
+    o_model = MIM(specs, d_model=6, heads=2, pool_norm="open")
+    for mode in ("train", "eval"):
+        getattr(t_model, mode)()
+        getattr(o_model, mode)()
+        torch.manual_seed(1)
+        a = t_model(inputs, seed=7)
+        torch.manual_seed(1)
+        b = o_model(inputs, seed=7)  # the same seeded noise: the same gates, the pooled rescaled by T/n
+        for ga, gb in zip(a.gates, b.gates):
+            assert torch.equal(ga, gb)
+        n = torch.stack(a.gates).sum(-1).clamp(min=1)  # (M, B)
+        torch.testing.assert_close(b.purified, a.purified * (10 / n)[..., None], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.unpurified, a.unpurified)
+    none = MIM(specs, d_model=6, heads=2, upn=False)
+    assert not none.upn_parameters() and len(none.masks) == 0
+    out = none(inputs, {"audio": torch.tensor([10, 3, 0])})
+    assert torch.equal(out.purified, out.unpurified) and torch.equal(out.yk, out.yu)
+    assert torch.equal(out.penalty, torch.zeros(2))
+    assert torch.equal(out.gates[0], torch.ones(3, 10)) and out.gates[1].sum(1).tolist() == [10, 3, 0]
+    with pytest.raises(ValueError, match="pool_norm"):
+        MIM(specs, d_model=6, heads=2, pool_norm="mean")
+
+
+def test_mask_learner_linear_score_and_skip_connection():
+    """score_relu=False drops the ReLU that ends pooler3, residual=True adds the scores to imp_ratio's
+    output; neither changes a parameter, so the published tree still loads."""
+    d, B, T = 6, 3, 10
+    ref = PublishedMaskLearner(d, T)
+    x = torch.randn(T, B, d)
+    for score_relu, residual in itertools.product((True, False), repeat=2):
+        m = MaskLearner(d, T, score_relu=score_relu, residual=residual)
+        m.load_state_dict(ref.state_dict(), strict=True)
+        h, _ = ref.lstm(x)
+        pre = ref.pooler3[:3](h.transpose(0, 1))[..., 0]  # (B, T): the score before its final ReLU
+        scores = torch.relu(pre) if score_relu else pre
+        want = ref.imp_ratio(scores) + (scores if residual else 0)
+        torch.testing.assert_close(m.gate_logits(x), want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        ref.pooler3[2].bias.fill_(-100.0)  # a dead score unit: with the ReLU the logits ignore the input
+    dead = MaskLearner(d, T)
+    dead.load_state_dict(ref.state_dict())
+    logits = dead.gate_logits(x)
+    assert torch.equal(logits, logits[:1].expand_as(logits))
+    linear = MaskLearner(d, T, score_relu=False, residual=True)
+    linear.load_state_dict(ref.state_dict())
+    logits = linear.gate_logits(x)
+    assert not torch.equal(logits, logits[:1].expand_as(logits))
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        MaskLearner(d, T, residual=1)

@@ -104,3 +104,15 @@ def test_demo_runs_and_agrees_across_backends():
         if "max diff vs torch" in line:
             diff = float(line.split("max diff vs torch")[1].split()[0])
             assert diff < 1e-4, line
+
+
+def test_a_plain_install_brings_what_the_plots_need():
+    """`pip install -e .` installs the [project] dependencies: matplotlib must be one of them, or
+    `mim-fast train` / `mim-fast ablate` write no plots."""
+    import re
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in deps}
+    assert {"torch", "numpy", "matplotlib"} <= names

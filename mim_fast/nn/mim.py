@@ -19,7 +19,7 @@ from ..profiling import named_range
 from .dropout import assign_streams
 from .encoders import BertEncoder, SequenceEncoder, WordEncoder
 from .fusion import Fusion
-from .purification import MaskLearner
+from .purification import POOL_NORMS, MaskLearner
 
 __all__ = ["ModalitySpec", "MIM", "MIMOutput"]
 
@@ -72,19 +72,29 @@ class MIM(nn.Module):
         heads: attention heads of the audio/vision Transformers (MIM: 5).
         backend, eval_mode and the gate's hyper-parameters (beta, gamma, zeta, loc_bias, threshold, penalty):
             passed to every :class:`~mim_fast.nn.MaskLearner`.
+        upn: False builds the model without Unimodal Purification Networks (an ablation, not MIM): no mask
+            learners, k_m = u_m (so yk = yu), every gate open, penalty 0.
+        pool_norm: "T" (MIM) divides the purified sum by T; "open" by the number of open steps (see
+            :meth:`~mim_fast.nn.PurificationGate.pool_over_open_steps`; composed on the op, not in it).
     """
 
     def __init__(self, modalities: Sequence[ModalitySpec], d_model: int = 80, *, fusion: str = "multiplication",
                  activation: str = "tanh", heads: int = 5, backend: str = "auto", eval_mode: str = "expected",
-                 **gate_kwargs):
+                 upn: bool = True, pool_norm: str = "T", **gate_kwargs):
         super().__init__()
         if len(modalities) < 2:
             raise ValueError("MIM needs at least 2 modalities; got %d" % len(modalities))
         names = [m.name for m in modalities]
         if len(set(names)) != len(names):
             raise ValueError("modality names must be unique; got %s" % names)
+        if not isinstance(upn, bool):
+            raise TypeError("upn must be a bool; got %s" % type(upn).__name__)
+        if pool_norm not in POOL_NORMS:
+            raise ValueError("pool_norm must be one of %s; got %r" % (", ".join(map(repr, POOL_NORMS)), pool_norm))
         self.specs = tuple(modalities)
         self.d_model = d_model
+        self.upn = upn
+        self.pool_norm = pool_norm
         self.encoders = nn.ModuleDict()
         self.masks = nn.ModuleDict()
         self.heads = nn.ModuleDict()
@@ -98,8 +108,9 @@ class MIM(nn.Module):
             else:
                 enc = BertEncoder(spec.bert_path, d_model, activation=activation)
             self.encoders[spec.name] = enc
-            self.masks[spec.name] = MaskLearner(d_model, seq_len=spec.seq_len, activation=activation,
-                                                backend=backend, eval_mode=eval_mode, **gate_kwargs)
+            if upn:
+                self.masks[spec.name] = MaskLearner(d_model, seq_len=spec.seq_len, activation=activation,
+                                                    backend=backend, eval_mode=eval_mode, **gate_kwargs)
             self.heads[spec.name] = nn.Linear(d_model, 1)
         self.fusion = Fusion(d_model, len(modalities), fusion)
         assign_streams(self)  # every dropout site of the model draws from its own stream
@@ -110,7 +121,7 @@ class MIM(nn.Module):
 
     def upn_parameters(self) -> List[nn.Parameter]:
         """The Unimodal Purification Networks' parameters (the mask learners): what the first phase of
-        MIM's update trains."""
+        MIM's update trains (none when ``upn`` is False)."""
         return [p for m in self.masks.values() for p in m.parameters()]
 
     def forward(self, inputs: Dict[str, torch.Tensor], lengths: Optional[Dict[str, torch.Tensor]] = None,
@@ -135,7 +146,7 @@ class MIM(nn.Module):
         first = inputs[self.names[0]]
         if index is None:
             index = torch.arange(first.shape[0], device=first.device)
-        sampled = [i for i, s in enumerate(self.specs) if s.name not in noise and
+        sampled = [i for i, s in enumerate(self.specs) if self.upn and s.name not in noise and
                    (self.training or self.masks[s.name].mask.eval_mode == "sample")]
         if seed is None and (self.training or sampled):
             seed = reference.draw_seed()
@@ -148,24 +159,41 @@ class MIM(nn.Module):
             with named_range("mim/encoder/" + spec.name):
                 enc = self.encoders[spec.name](inputs[spec.name], lens, seed, index)
             x = enc.sequence
-            # The mask learner's forward in its two parts, so that a profile tells the BiLSTM and MLPs
-            # from the fused gate (MaskLearner.forward is exactly these two calls).
-            mask = self.masks[spec.name]
-            with named_range("mim/mask_learner/" + spec.name):
-                logit = mask.gate_logits(x)
-            with named_range("mim/gate/" + spec.name):
-                out = mask.mask(x, logit, lens, noise=noise.get(spec.name))
+            T, B = x.shape[0], x.shape[1]
+            if self.upn:
+                pooled, penalty, gate, logit = self._purify(spec, x, lens, noise.get(spec.name))
+            else:  # the ablation without UPN: the purified representation is the unpurified one
+                pooled, gate, logit = enc.pooled, x.new_ones(B, T), x.new_zeros(B, T)
+                penalty = x.new_zeros(())
+                if lens is not None:
+                    gate = (torch.arange(T, device=x.device)[None, :] < lens.to(x.device)[:, None]).to(x.dtype)
             with named_range("mim/heads"):
                 head = self.heads[spec.name]
-                ks.append(out.pooled)
+                ks.append(pooled)
                 us.append(enc.pooled)
-                yks.append(head(out.pooled).squeeze(-1))
+                yks.append(head(pooled).squeeze(-1))
                 yus.append(head(enc.pooled).squeeze(-1))
-            pens.append(out.penalty)
-            gates.append(out.gate)
+            pens.append(penalty)
+            gates.append(gate)
             logits.append(logit)
         with named_range("mim/fusion"):
             prediction = self.fusion(ks)
         with named_range("mim/heads"):
             return MIMOutput(prediction, torch.stack(yks), torch.stack(yus), torch.stack(ks), torch.stack(us),
                              torch.stack(pens), gates, logits)
+
+    def _purify(self, spec: ModalitySpec, x: torch.Tensor, lens: Optional[torch.Tensor],
+                noise: Optional[torch.Tensor]):
+        """One modality's UPN: (pooled k_m, penalty P_m, gate, logits). ``noise`` is the gate's (B, T) noise
+        whenever the gate samples (forward draws it, keyed by sample), None in mode "expected"."""
+        mask = self.masks[spec.name]
+        # The mask learner's forward in its two parts, so that a profile tells the BiLSTM and MLPs from the
+        # fused gate (MaskLearner.forward is exactly these two calls).
+        with named_range("mim/mask_learner/" + spec.name):
+            logit = mask.gate_logits(x)
+        with named_range("mim/gate/" + spec.name):
+            out = mask.mask(x, logit, lens, noise=noise)
+            pooled = out.pooled
+            if self.pool_norm == "open":
+                pooled = mask.mask.pool_over_open_steps(pooled, out.gate, logit, noise, lens)
+        return pooled, out.penalty, out.gate, logit

@@ -18,7 +18,11 @@ from ..ops import _checks
 from ..ops._backends import BACKENDS
 from ..ops.purify_gate import ACTIVATIONS, MODES, PENALTIES, purify_gate
 
-__all__ = ["MaskLearner", "MaskLearnerOutput", "PurificationGate"]
+__all__ = ["MaskLearner", "MaskLearnerOutput", "PurificationGate", "POOL_NORMS"]
+
+# How the purified representation is normalised: "T" divides the gated sum by T (the op, as published);
+# "open" divides it by the number of open steps (PurificationGate.pool_over_open_steps, composed on the op).
+POOL_NORMS = ("T", "open")
 
 
 @exportable
@@ -131,6 +135,59 @@ class PurificationGate(nn.Module):
             gamma=self.gamma, zeta=self.zeta, loc_bias=self.loc_bias, threshold=self.threshold,
             backend=self.backend)
 
+    def straight_through_gate(self, logits: torch.Tensor, gate: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                              lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gate z (B, T) of SPEC §1 with its straight-through gradient, rebuilt outside the op.
+
+        The forward value is ``gate`` (the op's 0/1 output, exactly); the gradient w.r.t. ``logits`` is
+        that of c = clamp((ζ − γ)·s + γ, 0, 1), as in the op: s = σ((ℓ + a)/β) from ``noise`` in mode
+        "sample", σ(a) in mode "expected". Padding steps (t ≥ lengths[b]) get no gradient. Computed in
+        float32 (float64 for float64 logits) with torch's own log/sigmoid: only its gradient is used, so it
+        need not match the op's c bit for bit. ``noise`` must be the noise the op drew (mode "sample").
+        """
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        a = logits.to(acc) + self.loc_bias
+        if self.mode == "sample":
+            if noise is None:
+                raise ValueError("straight_through_gate in mode 'sample' needs the noise the op used")
+            u = noise.detach().to(acc).clamp(1e-6, 1.0 - 1e-6)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + a) / self.beta)
+        else:
+            s = torch.sigmoid(a)
+        c = torch.clamp((self.zeta - self.gamma) * s + self.gamma, 0.0, 1.0)
+        z = gate.detach().to(acc) + (c - c.detach())
+        if lengths is not None:
+            T = logits.shape[1]
+            valid = torch.arange(T, device=logits.device)[None, :] < lengths.to(logits.device)[:, None]
+            z = torch.where(valid, z, torch.zeros_like(z))
+        return z
+
+    def pool_over_open_steps(self, pooled: torch.Tensor, gate: torch.Tensor, logits: torch.Tensor,
+                             noise: Optional[torch.Tensor] = None,
+                             lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Turn the op's pooled (1/T)·Σ_t φ(x_t·z_t) into the mean over the open steps, Σ_t φ(x_t·z_t) / n
+        with n = Σ_t z_t (T → lengths[b] with lengths; n clamped to ≥ 1: a sample with every gate closed
+        pools to 0, as before).
+
+        Not MIM (which divides by T whatever the gate), and no preset uses it. Dividing by T makes closing
+        any step shrink the representation, so every task gradient pushes every gate open; over the open
+        steps, closing a step moves the representation by (φ(x_t) − mean)/n — towards the clean mean when
+        t is an outlier, hardly at all for a typical step. Measured on the synthetic data (README, "What the
+        demo shows"): nothing then holds a clean step open, and the penalty closes whole positions.
+
+        Composed from the op's outputs so the op and its backends keep computing SPEC §1 exactly:
+        pooled·(T/n), where n is counted from :meth:`straight_through_gate` (forward value Σ gate,
+        straight-through gradient). The gradient w.r.t. the gate is therefore the straight-through gradient
+        of Σφ/Σz itself, ∂/∂z_t = (∂φ(x_t·z_t)/∂z_t − result)/n (for φ = identity: (x_t − result)/n), and
+        the gradient to x is the op's scaled by T/n.
+        """
+        z = self.straight_through_gate(logits, gate, noise, lengths)
+        T = logits.shape[1]
+        size = (torch.full((logits.shape[0],), float(T), dtype=z.dtype, device=z.device) if lengths is None
+                else lengths.to(device=z.device, dtype=z.dtype).clamp(min=1))
+        scale = size / z.sum(dim=1).clamp(min=1.0)
+        return pooled * scale.to(pooled.dtype)[:, None]
+
     def extra_repr(self) -> str:
         return ("beta=%.6g, gamma=%g, zeta=%g, loc_bias=%g, threshold=%g, activation=%r, penalty=%r, "
                 "batch_first=%s, backend=%r, eval_mode=%r"
@@ -141,9 +198,11 @@ class PurificationGate(nn.Module):
 class MaskLearner(nn.Module):
     """MIM's mask learner (the UPN of one modality, SPEC §3), parameter-compatible with the published one.
 
-    x (T, B, d) → BiLSTM (d → d//2 per direction) → ``pooler3`` over features (Linear → ReLU → Linear → ReLU)
-    → scores (B, T) → ``imp_ratio`` across time (Linear T → T//ratio → ReLU → Linear → T) → gate logits g
-    (B, T) → ``mask`` (a :class:`PurificationGate`) → pooled (B, d) and penalty.
+    x (T, B, d) → BiLSTM (d → d//2 per direction) → ``pooler3`` over features (Linear → ReLU → Linear →
+    ReLU) → scores (B, T) → ``imp_ratio`` across time (Linear T → T//ratio → ReLU → Linear → T) → gate
+    logits g (B, T) → ``mask`` (a :class:`PurificationGate`) → pooled (B, d) and penalty. Two options, off
+    by default (the published model), change the forward but no parameter: ``score_relu=False`` drops the
+    final ReLU of ``pooler3``, ``residual=True`` adds the scores to ``imp_ratio``'s output.
 
     Submodules carry the published attribute names — ``lstm``, ``mask``, ``pooler2``, ``pooler3``,
     ``imp_ratio`` — so the published ``MaskLearner``'s state_dict loads with ``strict=True`` (the published
@@ -159,6 +218,12 @@ class MaskLearner(nn.Module):
         seq_len: T (>= ratio). ``imp_ratio`` is a Linear over time, so every input must have exactly T steps
             (pad or truncate upstream; MIM uses 50, 49 for text).
         ratio: bottleneck of ``imp_ratio`` (T → T//ratio → T); 5 in MIM.
+        score_relu: the ReLU that ends ``pooler3`` (MIM: True). Scores ≥ 0 can all die at 0 — then the logits
+            are one constant per position, whatever the input; False makes the score linear (no parameter
+            changes: the published state_dict still loads).
+        residual: add each step's own score to the time mixing, g = imp_ratio(scores) + scores (MIM: False).
+            ``imp_ratio`` squeezes every step through T//ratio units and has one bias per position, which
+            can dominate the logits; the skip connection keeps each step's score in its own logit.
         activation, batch_first, backend, eval_mode, beta, gamma, zeta, loc_bias, threshold, penalty: the
             gate's, see :class:`PurificationGate`. ``batch_first`` applies to the whole module (x is
             (B, T, d)).
@@ -169,6 +234,8 @@ class MaskLearner(nn.Module):
         d_model: int,
         seq_len: int = 50,
         ratio: int = 5,
+        score_relu: bool = True,
+        residual: bool = False,
         *,
         activation: str = "tanh",
         batch_first: bool = False,
@@ -188,6 +255,9 @@ class MaskLearner(nn.Module):
         if seq_len < ratio:  # imp_ratio's bottleneck T//ratio must keep at least one unit
             raise ValueError("seq_len must be >= ratio (imp_ratio maps T -> T//ratio -> T); got seq_len=%d, ratio=%d"
                              % (seq_len, ratio))
+        for name, value in (("score_relu", score_relu), ("residual", residual)):
+            if not isinstance(value, bool):
+                raise TypeError("%s must be a bool; got %s" % (name, type(value).__name__))
         hidden = d_model // 2
         lstm_out = 2 * hidden  # both directions concatenated
         # Same order as the published constructor (lstm, mask, pooler2, pooler3, imp_ratio): the parameterized
@@ -202,8 +272,9 @@ class MaskLearner(nn.Module):
             nn.Linear(lstm_out, hidden),
             nn.ReLU(),
             nn.Linear(hidden, 1),
-            nn.ReLU(),
+            nn.ReLU() if score_relu else nn.Identity(),
         )
+        self.residual = residual
         self.imp_ratio = nn.Sequential(
             nn.Linear(seq_len, seq_len // ratio),
             nn.ReLU(),
@@ -239,7 +310,8 @@ class MaskLearner(nn.Module):
         if not self.batch_first:
             h = h.transpose(0, 1)  # (B, T, ·): the published code transposes before pooler3, so do we
         scores = self.pooler3(h)[..., 0]  # (B, T): one importance score per step
-        return self.imp_ratio(scores)  # (B, T): mixed across time
+        logits = self.imp_ratio(scores)  # (B, T): mixed across time
+        return logits + scores if self.residual else logits
 
     def forward(
         self,
@@ -269,5 +341,5 @@ class MaskLearner(nn.Module):
         return MaskLearnerOutput(out.pooled, out.penalty, out.gate, logits)
 
     def extra_repr(self) -> str:
-        return "d_model=%d, seq_len=%d, ratio=%d, batch_first=%s" % (
-            self.d_model, self.seq_len, self.ratio, self.batch_first)
+        return "d_model=%d, seq_len=%d, ratio=%d, batch_first=%s, residual=%s" % (
+            self.d_model, self.seq_len, self.ratio, self.batch_first, self.residual)
