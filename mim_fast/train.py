@@ -189,6 +189,8 @@ class TrainConfig:
     # Set by mim-fast train, not a setting: the number of processes that trained the run (torchrun's
     # WORLD_SIZE; see mim_fast.distributed). The trajectory does not depend on it, up to float32 rounding.
     world_size: int = 1
+    dropout: str = "keyed"            # "keyed" (counter-based, keyed by sample) or "torch" (torch's own:
+                                     # the published code's, a speed baseline; single process only)
 
     def __post_init__(self):
         if self.preset is None:
@@ -243,6 +245,7 @@ class TrainConfig:
                 self.mask_score_bias, (int, float)) or not math.isfinite(self.mask_score_bias)):
             bad("mask_score_bias", "a finite number or 'pytorch' (PyTorch's default init)")
         choice("fusion", ("multiplication", "add", "concat", "tensor"))
+        choice("dropout", ("keyed", "torch"))
         choice("activation", ("tanh", "relu", "identity"))
         for name in ("per_sample", "kgs_transfer", "kd_divide_T", "upn", "drop_last", "mask_score_relu",
                      "mask_residual"):
@@ -418,7 +421,7 @@ def build_model(dataset, config: TrainConfig) -> MIM:
             specs.append(ModalitySpec(m, "features", dataset.dims[m], T, layers))
     model = MIM(specs, d_model=config.d_model, fusion=config.fusion, activation=config.activation,
                 heads=config.heads, backend=config.backend, eval_mode=config.eval_gate, upn=config.upn,
-                pool_norm=config.pool_norm, loc_bias=config.loc_bias, penalty=config.gate_penalty,
+                pool_norm=config.pool_norm, dropout=config.dropout, loc_bias=config.loc_bias, penalty=config.gate_penalty,
                 ratio=config.mask_ratio, score_relu=config.mask_score_relu, residual=config.mask_residual)
     if config.mask_score_bias != "pytorch":
         with torch.no_grad():
@@ -549,10 +552,13 @@ def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, devi
     means (``per_sample=False``) uses the whole global batch's errors (one all_reduce of (2M+1, B) floats)."""
     net = _unwrap(model)
     world = distributed.current()
-    part = _global_part(batch, world)
     if world.size > 1 and config.penalty_scale != "none":
         raise ValueError("penalty_scale=%r prices the penalty by batch statistics, which one process does not have "
                          "on %d processes: use penalty_scale='none' with torchrun" % (config.penalty_scale, world.size))
+    if world.size > 1 and config.dropout != "keyed":
+        raise ValueError("dropout=%r draws from each process's own generator: the processes would train another "
+                         "run than one process does; use dropout='keyed' with torchrun" % config.dropout)
+    part = _global_part(batch, world)
     inputs, lengths, y = batch.inputs, batch.lengths, batch.labels
     size = len(y) if part is None else part.size
     with named_range("mim/gate_noise"):

@@ -38,6 +38,31 @@ def test_model_shapes_and_fusions():
         MIM(specs, d_model=6, heads=2)({"text": inputs["text"], "audio": inputs["audio"]})
 
 
+def test_dropout_option_keyed_or_torchs(tmp_path, monkeypatch):
+    """dropout="keyed" (default): every site draws from (seed, site, sample), so one seed gives one output;
+    "torch": torch's own dropout at the same sites (its generator; the seed does not fix it) — the eager
+    baseline's. Refused on several processes, and a bad value is named."""
+    specs = [ModalitySpec("text", "features", 12, 9), ModalitySpec("audio", "features", 7, 9, layers=1)]
+    inputs = {"text": torch.randn(6, 9, 12), "audio": torch.randn(6, 9, 7)}
+    outs = {}
+    for kind in ("keyed", "torch"):
+        torch.manual_seed(0)
+        model = MIM(specs, d_model=6, heads=2, dropout=kind).train()
+        sites = [m for m in model.modules() if isinstance(m, mim_fast.nn.Dropout)]
+        assert sites and all(m.keyed == (kind == "keyed") for m in sites)
+        outs[kind] = [model(inputs, seed=3).prediction for _ in range(2)]
+    assert torch.equal(*outs["keyed"])
+    assert not torch.equal(*outs["torch"])  # torch's generator moved on between the two calls
+    with pytest.raises(ValueError, match="dropout must be 'keyed' or 'torch'"):
+        MIM(specs, dropout="fused")
+    with pytest.raises(ValueError, match="dropout"):
+        tiny_config(tmp_path, dropout="fused")
+    cfg = tiny_config(tmp_path, dropout="torch")
+    monkeypatch.setattr(T.distributed, "current", lambda: T.distributed.World(0, 2))
+    with pytest.raises(ValueError, match="use dropout='keyed' with torchrun"):
+        T.compute_losses(None, None, cfg, 0, torch.device("cpu"))
+
+
 def test_two_phase_step_applies_both_gradient_sets(tmp_path):
     """Adam's first step moves a parameter by lr·g/(|g| + eps): the mask learners by the sum of their
     phase-A and phase-B steps, everything else by phase B alone — both gradients from one forward pass."""
@@ -173,17 +198,21 @@ def test_cli_train_and_its_errors(tmp_path):
 
 def test_purification_network_closes_impure_steps_more_often_than_clean_ones(tmp_path):
     """The UPN learns to purify: a small version of the demo (its preset, smaller data and model, seed 0,
-    ~15 s on one core). Measured at the last epoch (impure / clean steps closed): text 0.50/0.07, audio
-    0.39/0.08, vision 0.27/0.05; with the published mask learner (ReLU score, no skip connection) and
-    penalty P(c > 0), same weight, no gate closes in any modality (0.00/0.00), so a regression in the gate's
-    gradients, the two-phase step, the mask learner's options or the demo preset fails here."""
+    ~15 s on one core). Measured at the last epoch (impure / clean steps closed), one thread: text
+    0.49/0.07, audio 0.41/0.08, vision 0.30/0.06; two threads: 0.60/0.09, 0.37/0.06, 0.40/0.08; a CI machine:
+    vision 0.59/0.15 — the trajectory depends on the machine's float reductions (thread count, ISA), so the
+    bounds are relative: impure steps closed at least 2.5 times as often as clean ones and 0.15 more. With
+    the published mask learner (ReLU score, no skip connection) and penalty P(c > 0), same weight, no gate
+    closes in any modality (0.00/0.00), so a regression in the gate's gradients, the two-phase step, the mask
+    learner's options or the demo preset fails here."""
     syn = {**T.DEMO_SYNTHETIC, "n_train": 600, "n_dev": 100, "n_test": 200, "T": 12, "dims": [12, 8, 8]}
     cfg = T.TrainConfig(out=str(tmp_path / "run"), synthetic=syn, d_model=16, heads=2, epochs=20, lr=3e-3, seed=0)
     result = T.run(cfg, progress=False, log=lambda *a: None)
     assert result["best"]["test"]["mae_all"] < 0.6 * result["baseline"]["mae_all"]
     gates = result["history"][-1]["test"]["purification"]
     for m, v in gates.items():
-        assert v["closed_clean"] <= 0.15 and v["difference"] >= 0.15, (m, v)
+        assert v["closed_clean"] <= 0.25 and v["difference"] >= 0.15, (m, v)
+        assert v["closed_impure"] >= 2.5 * v["closed_clean"], (m, v)
     assert gates["text"]["closed_impure"] >= 0.4, gates
 
 
@@ -267,7 +296,7 @@ DEMO_PRESET = dict(
     penalty_warmup=0, gate_penalty="threshold", loc_bias=3.0, mask_ratio=1, mask_score_bias=0.1,
     mask_score_relu=False, mask_residual=True, pool_norm="T", eval_gate="expected")
 NOT_PRESET = dict(seed=0, amp="none", device="auto", backend="auto", max_len=50, bert_path=None,
-                  synthetic=T.DEMO_SYNTHETIC, world_size=1)
+                  synthetic=T.DEMO_SYNTHETIC, world_size=1, dropout="keyed")
 
 
 @pytest.mark.parametrize("preset, data, want", [("mim", "mosi.pkl", MIM_PRESET), ("demo", "synthetic", DEMO_PRESET)])

@@ -3,6 +3,7 @@ fixed, taking the step's (seed, global sample indices) in its forward."""
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _checks
@@ -22,6 +23,10 @@ class Dropout(nn.Module):
 
     ``stream`` (attribute, default 0) separates the dropout sites of a model that share one seed;
     :func:`assign_streams` numbers every Dropout of a model (mim_fast.nn.MIM does it at construction).
+
+    ``keyed`` (attribute, default True): False makes it torch's own dropout (``F.dropout``: torch's
+    generator, a mask stored for the backward, seed and index ignored) — the published code's, kept as the
+    baseline a speed comparison runs against; not independent of the batch or the number of processes.
     """
 
     def __init__(self, p: float = 0.5, *, batch_dim: int = 0, backend: str = "auto") -> None:
@@ -34,6 +39,7 @@ class Dropout(nn.Module):
         self.batch_dim = batch_dim
         self.backend = backend
         self.stream = 0
+        self.keyed = True
 
     def forward(self, x: torch.Tensor, seed: Optional[int] = None,
                 index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -41,11 +47,14 @@ class Dropout(nn.Module):
         generator); index: (B,) global sample indices (None: 0..B-1). Returns x's shape and dtype."""
         if not self.training or self.p == 0.0:
             return x
+        if not self.keyed:
+            return F.dropout(x, self.p, training=True)
         return dropout(x, self.p, seed=seed, index=index, batch_dim=self.batch_dim, stream=self.stream,
                        backend=self.backend)
 
     def extra_repr(self) -> str:
-        return "p=%g, batch_dim=%d, stream=%d" % (self.p, self.batch_dim, self.stream)
+        return "p=%g, batch_dim=%d, stream=%d%s" % (self.p, self.batch_dim, self.stream,
+                                                    "" if self.keyed else ", keyed=False")
 
 
 def assign_streams(module: nn.Module) -> None:

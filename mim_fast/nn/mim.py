@@ -16,7 +16,7 @@ from .. import reference
 from .._types import exportable
 from ..ops.philox import gate_noise
 from ..profiling import named_range
-from .dropout import assign_streams
+from .dropout import Dropout, assign_streams
 from .encoders import BertEncoder, SequenceEncoder, WordEncoder
 from .fusion import Fusion
 from .purification import POOL_NORMS, MaskLearner
@@ -76,11 +76,14 @@ class MIM(nn.Module):
             learners, k_m = u_m (so yk = yu), every gate open, penalty 0.
         pool_norm: "T" (MIM) divides the purified sum by T; "open" by the number of open steps (see
             :meth:`~mim_fast.nn.PurificationGate.pool_over_open_steps`; composed on the op, not in it).
+        dropout: "keyed" (every dropout site a counter-based :class:`~mim_fast.nn.Dropout`, keyed by
+            (seed, site, sample): independent of the batch and the number of processes) or "torch"
+            (torch's own dropout at the same sites: the published code's, for a baseline).
     """
 
     def __init__(self, modalities: Sequence[ModalitySpec], d_model: int = 80, *, fusion: str = "multiplication",
                  activation: str = "tanh", heads: int = 5, backend: str = "auto", eval_mode: str = "expected",
-                 upn: bool = True, pool_norm: str = "T", **gate_kwargs):
+                 upn: bool = True, pool_norm: str = "T", dropout: str = "keyed", **gate_kwargs):
         super().__init__()
         if len(modalities) < 2:
             raise ValueError("MIM needs at least 2 modalities; got %d" % len(modalities))
@@ -89,6 +92,8 @@ class MIM(nn.Module):
             raise ValueError("modality names must be unique; got %s" % names)
         if not isinstance(upn, bool):
             raise TypeError("upn must be a bool; got %s" % type(upn).__name__)
+        if dropout not in ("keyed", "torch"):
+            raise ValueError("dropout must be 'keyed' or 'torch'; got %r" % (dropout,))
         if pool_norm not in POOL_NORMS:
             raise ValueError("pool_norm must be one of %s; got %r" % (", ".join(map(repr, POOL_NORMS)), pool_norm))
         self.specs = tuple(modalities)
@@ -114,6 +119,9 @@ class MIM(nn.Module):
             self.heads[spec.name] = nn.Linear(d_model, 1)
         self.fusion = Fusion(d_model, len(modalities), fusion)
         assign_streams(self)  # every dropout site of the model draws from its own stream
+        for m in self.modules():
+            if isinstance(m, Dropout):
+                m.keyed = dropout == "keyed"
 
     @property
     def names(self) -> List[str]:

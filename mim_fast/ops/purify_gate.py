@@ -1,4 +1,5 @@
 """``mim_fast.purify_gate``: SPEC §1, the Unimodal Purification Network's gate and gated pooling."""
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -76,17 +77,9 @@ def purify_gate(
     _checks.nonempty("x", {"T": T, "D": D})  # B = 0 is an empty batch: empty results (below)
     _checks.float_tensor("logits", logits, ndim=2, layout="(B, T)")
     _checks.same_shape("logits", logits, (B, T), "(B, T) to match x", x.shape)
-    _checks.choice("mode", mode, MODES)
-    _checks.choice("activation", activation, ACTIVATIONS)
-    _checks.choice("penalty", penalty, PENALTIES)
-    beta = _checks.real("beta", beta, gt=0.0)
-    gamma = _checks.real("gamma", gamma, lt=0.0)
-    zeta = _checks.real("zeta", zeta, gt=0.0)
-    loc_bias = _checks.real("loc_bias", loc_bias)
-    threshold = _checks.real("threshold", threshold, ge=0.0, lt=1.0)
-    if not gamma < threshold < zeta:
-        raise ValueError("threshold must satisfy gamma < threshold < zeta; got gamma=%g, threshold=%g, zeta=%g"
-                         % (gamma, threshold, zeta))
+    options = (mode, activation, penalty, beta, gamma, zeta, loc_bias, threshold)
+    check = _options.__wrapped__ if torch.compiler.is_compiling() else _options
+    beta, gamma, zeta, loc_bias, threshold = check(*options)
     _checks.same_device("x", x, logits=logits)
 
     if noise is not None and seed is not None:
@@ -95,8 +88,10 @@ def purify_gate(
         _checks.float_tensor("noise", noise, ndim=2, layout="(B, T)")
         _checks.same_shape("noise", noise, (B, T), "(B, T) to match logits")
         _checks.same_device("x", x, noise=noise)
-        if _checks.can_inspect_values(noise) and not bool(((noise > 0) & (noise < 1)).all()):
-            raise ValueError("noise must lie in the open interval (0, 1)")
+        if _checks.can_inspect_values(noise):
+            lo, hi = torch.aminmax(noise)  # one pass (NaN fails both comparisons)
+            if not (bool(lo > 0) and bool(hi < 1)):
+                raise ValueError("noise must lie in the open interval (0, 1)")
     if seed is not None:
         _checks.nonneg_int("seed", seed)
     _checks.nonneg_int("offset", offset)
@@ -110,9 +105,10 @@ def purify_gate(
         if lengths.device != x.device and lengths.device.type != "cpu":
             raise ValueError("lengths is on %s but x is on %s: pass lengths on x's device or the CPU"
                              % (lengths.device, x.device))
-        if _checks.can_inspect_values(lengths) and not bool(((lengths >= 0) & (lengths <= T)).all()):
-            raise ValueError("lengths must lie in [0, T=%d]; got min %d, max %d"
-                             % (T, int(lengths.min()), int(lengths.max())))
+        if _checks.can_inspect_values(lengths) and B:
+            lo, hi = (int(v) for v in torch.aminmax(lengths))
+            if lo < 0 or hi > T:
+                raise ValueError("lengths must lie in [0, T=%d]; got min %d, max %d" % (T, lo, hi))
     # Not while torch.compile traces: is_current_stream_capturing() is a graph break (an error under
     # fullgraph=True), and a compiled graph captured later (mode="reduce-overhead") is the compiler's
     # business. A seed or lengths check then happens at trace time, not at capture.
@@ -143,6 +139,25 @@ def _empty_batch(x, logits, batch_first) -> PurifyGateOutput:
     pooled = x.sum(dim=1 if batch_first else 0)        # (0, D), in x's dtype, connected to x
     penalty = logits.sum()                             # exactly 0, in the logits' dtype
     return PurifyGateOutput(pooled, penalty, logits.detach().new_zeros(logits.shape))
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _options(mode, activation, penalty, beta, gamma, zeta, loc_bias, threshold) -> tuple:
+    """The validated hyper-parameters (beta, gamma, zeta, loc_bias, threshold) as floats; raises naming the
+    argument. Cached per argument tuple (``typed``: True is not 1 here): a training step passes the same
+    ones every call, and checking them cost more than the kernels at MIM's size."""
+    _checks.choice("mode", mode, MODES)
+    _checks.choice("activation", activation, ACTIVATIONS)
+    _checks.choice("penalty", penalty, PENALTIES)
+    beta = _checks.real("beta", beta, gt=0.0)
+    gamma = _checks.real("gamma", gamma, lt=0.0)
+    zeta = _checks.real("zeta", zeta, gt=0.0)
+    loc_bias = _checks.real("loc_bias", loc_bias)
+    threshold = _checks.real("threshold", threshold, ge=0.0, lt=1.0)
+    if not gamma < threshold < zeta:
+        raise ValueError("threshold must satisfy gamma < threshold < zeta; got gamma=%g, threshold=%g, zeta=%g"
+                         % (gamma, threshold, zeta))
+    return beta, gamma, zeta, loc_bias, threshold
 
 
 # ----------------------------------------------------------------------------------------------------
