@@ -117,11 +117,12 @@ def main(args) -> int:
 
 def _config(backend: str, device: torch.device, *, batch_size, d_model, seq_len, heads, av_layers, dims, amp, seed):
     # MIM's published step (its routing, penalty, mask_ratio, ...) at the requested dims. The eager mode
-    # (backend "torch") is what a user of the published code runs: the reference ops and torch's dropout;
-    # every other mode the fused ops and the fused counter-based dropout.
+    # (backend "torch") is what a user of the published code runs: the reference ops, torch's dropout and
+    # torch's default Adam; every other mode the fused ops, the fused counter-based dropout and fused Adam.
     return train_lib.TrainConfig(
         preset="mim", out="", seed=seed, batch_size=batch_size, d_model=d_model, heads=heads, av_layers=av_layers, text_layers=0,
         amp=amp, device=str(device), backend=backend, dropout="torch" if backend == "torch" else "keyed",
+        adam="default" if backend == "torch" else "fused",
         synthetic={"n_train": batch_size, "n_dev": 1, "n_test": 1, "T": seq_len, "dims": list(dims)})
 
 

@@ -296,7 +296,7 @@ DEMO_PRESET = dict(
     penalty_warmup=0, gate_penalty="threshold", loc_bias=3.0, mask_ratio=1, mask_score_bias=0.1,
     mask_score_relu=False, mask_residual=True, pool_norm="T", eval_gate="expected")
 NOT_PRESET = dict(seed=0, amp="none", device="auto", backend="auto", max_len=50, bert_path=None,
-                  synthetic=T.DEMO_SYNTHETIC, world_size=1, dropout="keyed")
+                  synthetic=T.DEMO_SYNTHETIC, world_size=1, dropout="keyed", adam="fused")
 
 
 @pytest.mark.parametrize("preset, data, want", [("mim", "mosi.pkl", MIM_PRESET), ("demo", "synthetic", DEMO_PRESET)])
@@ -398,6 +398,48 @@ def test_penalty_options_of_the_upn_investigation(tmp_path):
         # with equal weights it is the op's own penalty
         torch.testing.assert_close(q.mean(), out.penalty[i], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_a(sample_cfg)[3], cfg.penalty_weight * want + kgs.masked, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_option_fused_or_default(tmp_path):
+    """adam="fused" (default): torch's fused Adam, the same update as its default implementation to rounding
+    over several two-phase steps; "default" (the eager baseline's, and what a run written before the option
+    resumes with: its optimizer state says so too); a bad value is named."""
+    runs_, params = {}, {}
+    for adam in ("fused", "default"):
+        cfg = tiny_config(tmp_path / adam, adam=adam)
+        data = T.load_for_training(cfg)
+        torch.manual_seed(0)
+        model = T.build_model(data, cfg)
+        opt = T.Optimizers(model, cfg, torch.device("cpu"))
+        assert len(opt.opts) == 2 and all(bool(o.param_groups[0]["fused"]) == (adam == "fused") for o in opt.opts)
+        for step, batch in enumerate(T.batches(data.train, 16, shuffle=False, device=torch.device("cpu"))):
+            if step == 4:
+                break
+            T.train_step(model, opt, batch, cfg, 11, torch.device("cpu"))
+        params[adam] = {k: p.detach().clone() for k, p in model.named_parameters()}
+    moved = 0
+    for k, a in params["fused"].items():
+        b = params["default"][k]
+        if k.endswith("self_attn.in_proj_bias"):  # the key biases' exact gradient is 0: rounding noise,
+            D = a.numel() // 3                     # which Adam turns into steps of up to ~lr
+            assert (a[D:2 * D] - b[D:2 * D]).abs().max() <= 4 * cfg.lr, k
+            a, b = torch.cat([a[:D], a[2 * D:]]), torch.cat([b[:D], b[2 * D:]])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=lambda m: "%s: %s" % (k, m))
+        moved += int((a != b).sum())
+    assert moved > 0  # a different kernel: equal to rounding, not bit for bit (else this test tests nothing)
+    with pytest.raises(ValueError, match="adam"):
+        tiny_config(tmp_path, adam="foreach")
+    from mim_fast import runs
+    cfg = tiny_config(tmp_path / "old", epochs=2)
+    T.run(cfg, progress=False, log=lambda *a: None, stop_after_steps=9)  # epoch 1 saved, epoch 2 unfinished
+    (epoch, path), = runs.checkpoints(cfg.out)
+    ck = runs.load_checkpoint(path)
+    saved = json.loads(ck["config"])
+    del saved["adam"]
+    runs.save_checkpoint(path, {k: v for k, v in dict(ck, config=json.dumps(saved)).items()
+                                if k not in ("format", "version", "sha256")})
+    config, _, _ = T._resume_point(cfg.out, {}, lambda *a: None)
+    assert config.adam == "default"
 
 
 def test_resume_refuses_a_run_whose_config_lacks_a_preset_field(tmp_path):
