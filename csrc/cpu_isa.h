@@ -9,9 +9,11 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #define MIM_ISA_DISPATCH 1
 #define MIM_ALWAYS_INLINE inline __attribute__((always_inline))
+#define MIM_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define MIM_ISA_DISPATCH 0
 #define MIM_ALWAYS_INLINE inline
+#define MIM_ALWAYS_INLINE_LAMBDA
 #endif
 
 namespace mim_fast {
