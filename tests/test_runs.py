@@ -454,8 +454,11 @@ def test_cli_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path):
 
 def test_cli_ctrl_c_says_how_to_continue(tmp_path):
     run = tmp_path / "run"
+    # The child gets SIGINT's default action back: under a shell's background job (`make test &`, a CI
+    # runner's `nohup ... &`) SIGINT is inherited as ignored, and Python then installs no handler for it.
     proc = subprocess.Popen([sys.executable, "-m", "mim_fast", "train", "--out", str(run), "--epochs", "30",
-                             *CLI_RUN], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *CLI_RUN], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(run / "checkpoint-epoch0001.pt", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
