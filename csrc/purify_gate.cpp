@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -275,17 +276,30 @@ MIM_ISA_VARIANTS((int ACT, typename scalar_t, typename acc_t), (ACT, scalar_t, a
                  (p, b0, b1, d0, n, dblk, gs))
 
 // Below this many feature elements (T·B·D) a pass runs on one thread: waking the OpenMP team costs more
-// than it saves (measured here: T=50 B=16 D=80 forward+backward 0.35 ms on one thread, 0.63 ms on two).
-constexpr int64_t kParallelMinElements = int64_t(1) << 18;
+// than it saves. Measured on the 2-core CI VM, kernels alone, forward+backward: T=50 B=16 D=80 (64 000)
+// 202 µs on one thread, 135 µs on two (an earlier kernel, with separate gate and pooling regions and 2^18
+// here, had measured 0.35 ms on one and 0.63 ms on two).
+constexpr int64_t kParallelMinElements = int64_t(1) << 14;
 
 // Runs item(i, buffer) over every (sample chunk × feature block) item, in parallel for large inputs, with
-// a per-thread buffer of rows·dblock accumulators.
+// a per-thread buffer of rows·dblock accumulators. The threads claim items one at a time rather than in
+// equal static shares: an open gate costs a transcendental per element and a closed one none, so samples
+// differ in cost, and a static split left one thread waiting at the barrier. Each item's results depend
+// only on the item, never on the thread that ran it.
 template <typename acc_t, typename F>
 void for_items(const Tiling& tl, int64_t elements, F&& item) {
-  const int64_t grain = elements < kParallelMinElements ? tl.items() : 1;
-  at::parallel_for(0, tl.items(), grain, [&](int64_t begin, int64_t end) {
+  const int64_t items = tl.items();
+  if (elements < kParallelMinElements || items == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
     std::vector<acc_t> buf(tl.rows * tl.dblock);
-    for (int64_t i = begin; i < end; ++i) item(i, buf.data());
+    for (int64_t i = 0; i < items; ++i) item(i, buf.data());
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+    std::vector<acc_t> buf(tl.rows * tl.dblock);
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      item(i, buf.data());
   });
 }
 
@@ -377,9 +391,17 @@ void forward_cpu(const at::Tensor& x, const Prepared& in, uint64_t seed, uint64_
   // the gate pass: vectorized over time steps (gate_rows), worth threads from a few thousand steps
   const GateRows<acc_t> rows{g, noise, lens, seed, offset, T, &params, gate_p, ste_p, dq_p, pen_row.data()};
   const Isa isa = cpu_isa();
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / T), [&](int64_t begin, int64_t end) {
-    gate_rows<acc_t>(isa, rows, begin, end);
-  });
+  const Tiling tl = make_tiling(B, D);
+  // When every sample lies in one work item (D ≤ 2048: one feature block), the item computes its samples'
+  // gate rows right before pooling them: one parallel region instead of two, and the gate pass spread
+  // over the threads with the pooling (at MIM's size it was a serial fifth of the forward). Each row is
+  // computed the same way wherever it runs, so the results do not change.
+  const bool rows_in_items = tl.ndblk == 1;
+  if (!rows_in_items) {
+    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / T), [&](int64_t begin, int64_t end) {
+      gate_rows<acc_t>(isa, rows, begin, end);
+    });
+  }
 
   FeaturePass<scalar_t, acc_t> p{};
   p.x = x.data_ptr<scalar_t>();
@@ -388,12 +410,12 @@ void forward_cpu(const at::Tensor& x, const Prepared& in, uint64_t seed, uint64_
   p.h = gate_p;
   p.lens = lens;
   p.pooled = pooled.data_ptr<scalar_t>();
-  const Tiling tl = make_tiling(B, D);
   dispatch_activation(act, [&](auto act_c) {
     for_items<acc_t>(tl, T * B * D, [&](int64_t i, acc_t* buf) {
       const int64_t chunk = i / tl.ndblk, dblk = i % tl.ndblk;
       const int64_t b0 = chunk * tl.rows, b1 = std::min(B, b0 + tl.rows);
       const int64_t d0 = dblk * tl.dblock, n = std::min(D, d0 + tl.dblock) - d0;
+      if (rows_in_items) gate_rows<acc_t>(isa, rows, b0, b1);
       pool_item<decltype(act_c)::value, scalar_t, acc_t>(isa, p, b0, b1, d0, n, buf);
     });
   });
@@ -406,8 +428,9 @@ void forward_cpu(const at::Tensor& x, const Prepared& in, uint64_t seed, uint64_
   acc_t total = acc_t(0);
   for (int64_t b = 0; b < B; ++b) total += pen_row[b];  // fixed order: deterministic
   const acc_t count = static_cast<acc_t>(n_valid > 0 ? n_valid : 1);
-  penalty.fill_(total / count);
-  inv_count.fill_(acc_t(1) / count);
+  // (fresh CPU scalars: written in place, not through two dispatched fill_ calls)
+  *penalty.data_ptr<acc_t>() = total / count;
+  *inv_count.data_ptr<acc_t>() = acc_t(1) / count;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -466,6 +489,14 @@ cuda::FeatureType feature_type(at::ScalarType t) {
   }
 }
 #endif
+
+// The value of a one-element CPU tensor as T: read in place when it already is a T (item() is a
+// dispatched op, ~1 µs each, twice per backward).
+template <typename T>
+T scalar_value(const at::Tensor& t) {
+  if (t.scalar_type() == c10::CppTypeToScalarType<T>::value) return *t.const_data_ptr<T>();
+  return t.item<T>();
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Op entry points
@@ -562,11 +593,13 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
   if (x.is_cpu()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_gate_backward_cpu", [&] {
       if (acc == at::kDouble) {
-        backward_cpu<scalar_t, double>(G, grad_penalty.item<double>(), x, h, ste.contiguous(), dq.contiguous(),
-                                       inv_count.item<double>(), lens, act, grad_x, grad_logits);
+        backward_cpu<scalar_t, double>(G, scalar_value<double>(grad_penalty), x, h, ste.contiguous(),
+                                       dq.contiguous(), scalar_value<double>(inv_count), lens, act, grad_x,
+                                       grad_logits);
       } else {
-        backward_cpu<scalar_t, float>(G, grad_penalty.item<float>(), x, h, ste.contiguous(), dq.contiguous(),
-                                      inv_count.item<float>(), lens, act, grad_x, grad_logits);
+        backward_cpu<scalar_t, float>(G, scalar_value<float>(grad_penalty), x, h, ste.contiguous(),
+                                      dq.contiguous(), scalar_value<float>(inv_count), lens, act, grad_x,
+                                      grad_logits);
       }
     });
   } else {
@@ -604,7 +637,9 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
 }
 
 // Elementwise access to the shared float32 math, so the tests can compare it bit for bit with the torch
-// and Triton implementations: fn is "exp", "log", "sigmoid" or "tanh".
+// and Triton implementations: fn is "exp", "log", "sigmoid", "tanh" (tanh32, the gate math's) or
+// "tanh_features" / "tanh_grad_features" (tanh_rational32 / sech2_32: what the CPU feature passes
+// evaluate for φ and φ').
 at::Tensor math32_cpu(const at::Tensor& x, c10::string_view fn) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "mim_fast::_math32: x must be float32");
   const at::Tensor xc = x.contiguous();
@@ -612,11 +647,14 @@ at::Tensor math32_cpu(const at::Tensor& x, c10::string_view fn) {
   const float* src = xc.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const int64_t n = xc.numel();
-  const int which = fn == "exp" ? 0 : fn == "log" ? 1 : fn == "sigmoid" ? 2 : fn == "tanh" ? 3 : -1;
+  const int which = fn == "exp" ? 0 : fn == "log" ? 1 : fn == "sigmoid" ? 2 : fn == "tanh" ? 3
+                    : fn == "tanh_features" ? 4 : fn == "tanh_grad_features" ? 5 : -1;
   TORCH_CHECK(which >= 0, "mim_fast::_math32: unknown function '", std::string(fn), "'");
   for (int64_t i = 0; i < n; ++i) {
     const float v = src[i];
-    dst[i] = which == 0 ? math::exp32(v) : which == 1 ? math::log32(v) : which == 2 ? math::sigmoid32(v) : math::tanh32(v);
+    dst[i] = which == 0 ? math::exp32(v) : which == 1 ? math::log32(v) : which == 2 ? math::sigmoid32(v)
+           : which == 3 ? math::tanh32(v) : which == 4 ? math::tanh_<float>(v)
+           : math::activation_grad<float>(v, math::kTanh);
   }
   return out;
 }

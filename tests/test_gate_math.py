@@ -107,3 +107,42 @@ def test_special_values():
     assert s[0] == 1 and s[1] == 0 and s[2] == 0.5 and torch.isnan(s[3])
     t = reference.tanh32(torch.tensor([inf, -inf, 0.0, nan, 30.0, -30.0]))
     assert t[0] == 1 and t[1] == -1 and t[2] == 0 and torch.isnan(t[3]) and t[4] == 1 and t[5] == -1
+
+
+@pytest.mark.skipif(mim_fast.build_info() is None, reason="mim_fast._C not built")
+def test_cpu_feature_tanh_accuracy_and_special_values():
+    """The CPU feature passes' tanh (mim_math.h tanh_rational32, not a gate function): within 7 ulp of
+    float64 tanh (6.9 measured over every finite float, kernels/mim_math.h), on a sweep of every 2^12-th
+    float32 of each sign plus random values; odd, ±0 and ±inf and NaN right."""
+    bits = torch.arange(0, 0x7F800000, 4096, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([bits, -bits, torch.randn(200_000) * 3, torch.tensor(SPECIAL, dtype=torch.float32)])
+    got = torch.ops.mim_fast._math32(x, "tanh_features")
+    true = torch.tanh(x.double())
+    normal = true.abs() > 1.17549435e-38
+    ulp = torch.from_numpy(np.spacing(np.abs(true[normal].float().numpy()))).double()
+    err = ((got[normal].double() - true[normal]).abs() / ulp).max()
+    assert err <= 7.0, float(err)
+    assert _same_bits(got, -torch.ops.mim_fast._math32(-x, "tanh_features"))  # odd, bit for bit
+    s = torch.ops.mim_fast._math32(torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")]),
+                                   "tanh_features")
+    assert s[0] == 0 and not s[0].signbit() and s[1] == 0 and s[1].signbit()
+    assert abs(float(s[2]) - 1) < 1e-6 and abs(float(s[3]) + 1) < 1e-6 and torch.isnan(s[4])
+
+
+@pytest.mark.skipif(mim_fast.build_info() is None, reason="mim_fast._C not built")
+def test_cpu_feature_tanh_grad_is_accurate_where_one_minus_tanh_squared_cancels():
+    """φ' of the CPU feature passes (mim_math.h sech2_32): within 5 ulp of float64 sech² in *relative*
+    terms at every |y| up to 43 (1 − tanh² in float32 loses them above |y| ≈ 2), exactly 1 at 0, exactly
+    0 from |y| > 43 and at ±inf (so an infinite feature gives 0·inf = NaN where torch's 1 − tanh² does),
+    NaN for NaN, even."""
+    bits = torch.arange(0, 0x422C0000, 1024, dtype=torch.int64).to(torch.int32).view(torch.float32)  # [0, 43]
+    x = torch.cat([bits, -bits, torch.randn(100_000) * 4])
+    got = torch.ops.mim_fast._math32(x, "tanh_grad_features").double()
+    true = 1 / torch.cosh(x.double()) ** 2
+    normal = true > 1.17549435e-38
+    ulp = torch.from_numpy(np.spacing(np.abs(true[normal].float().numpy()))).double()
+    err = ((got[normal] - true[normal]).abs() / ulp).max()
+    assert err <= 5.0, float(err)
+    s = torch.ops.mim_fast._math32(torch.tensor([0.0, -0.0, 43.5, -60.0, float("inf"), -float("inf"), float("nan")]),
+                                   "tanh_grad_features")
+    assert s[0] == 1 and s[1] == 1 and (s[2:6] == 0).all() and torch.isnan(s[6])

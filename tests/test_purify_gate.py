@@ -1,5 +1,6 @@
 """purify_gate (SPEC §1): the reference against an independent transcription of the spec's forward and
 backward formulas, gradcheck in float64, the spec's properties, and argument checking."""
+import importlib
 import itertools
 import math
 import os
@@ -308,6 +309,101 @@ def _bad_calls():
 def test_bad_arguments_raise_clear_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         mim_fast.purify_gate(**kwargs)
+
+
+def _common_and_odd_calls():
+    """Calls a training step makes (served by the fast path) and calls it must hand to the full path."""
+    x, g = torch.randn(5, 3, 4), torch.randn(3, 5) - 3
+    u = torch.rand(3, 5).clamp(1e-3, 1 - 1e-3)
+    nan_u = u.clone()
+    nan_u[1, 2] = float("nan")
+    calls = [dict(), dict(noise=u), dict(noise=u.half()), dict(noise=u.double()), dict(noise=u.bfloat16()),
+             dict(seed=7), dict(seed=7, offset=11), dict(mode="expected"), dict(mode="expected", noise=u),
+             dict(activation="relu", penalty="threshold", threshold=0.3, seed=1), dict(backend="torch", seed=2),
+             dict(backend="cpu", noise=u), dict(beta=0.5, gamma=-0.1, zeta=1.1, loc_bias=2, seed=3),
+             dict(x=x.transpose(0, 1).contiguous(), batch_first=True, seed=4), dict(x=x.bfloat16(), seed=5),
+             dict(logits=g.double(), seed=6), dict(x=x.double(), noise=u), dict(x=torch.randn(1, 1, 1),
+             logits=torch.randn(1, 1), seed=8), dict(lengths=torch.tensor([5, 0, 2]), seed=9),
+             dict(x=torch.nn.Parameter(x), seed=10), dict(x=torch.randn(5, 0, 4), logits=torch.randn(0, 5), seed=1),
+             dict(noise=nan_u), dict(seed=True), dict(offset=2**63 - 15), dict(offset=2**63 - 14), dict(offset=True),
+             dict(batch_first=0), dict(backend=3), dict(backend="triton"), dict(seed=2**63), dict(noise=u, seed=None),
+             dict(logits=g[:, :4]), dict(noise=u[:2]), dict(noise=u.long()), dict(beta=True)]
+    calls += [kw for kw, _, _ in _bad_calls()]
+    return [dict(dict(x=x, logits=g), **kw) for kw in calls]
+
+
+def _outcome(call, kwargs):
+    """(exception type, message) or the outputs and the gradients of x and the logits."""
+    kwargs = dict(kwargs)
+    leaves = []
+    for k in ("x", "logits"):
+        v = kwargs.get(k)
+        if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
+            kwargs[k] = v.detach().clone().requires_grad_()
+            leaves.append(kwargs[k])
+    torch.manual_seed(1234)  # the default seed's draw
+    try:
+        out = call(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the point is to compare them
+        return type(exc), str(exc)
+    grads = ()
+    if out.pooled.requires_grad:
+        G = torch.linspace(-1, 1, out.pooled.numel(), dtype=out.pooled.dtype).reshape(out.pooled.shape)
+        grads = torch.autograd.grad([out.pooled, out.penalty], leaves, [G, torch.ones_like(out.penalty)],
+                                    allow_unused=True)
+    return tuple(out) + tuple(grads)
+
+
+def test_common_call_agrees_with_full_path(monkeypatch):
+    """The fast path for the common call (ops/purify_gate.py::_common_call) accepts only what the full
+    path accepts and returns what it returns: results and gradients bit for bit, the same error otherwise."""
+    module = importlib.import_module("mim_fast.ops.purify_gate")
+
+    calls = _common_and_odd_calls()
+    fast = [_outcome(mim_fast.purify_gate, kw) for kw in calls]
+    monkeypatch.setattr(module, "_common_call", lambda *a: None)
+    for kw, got in zip(calls, fast):
+        want = _outcome(mim_fast.purify_gate, kw)
+        what = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        assert type(got) is type(want) and len(got) == len(want), what
+        if isinstance(want[0], type):
+            assert got == want, what
+        else:
+            for a, b in zip(got, want):
+                assert (a is None) == (b is None), what
+                if a is not None:
+                    assert a.dtype == b.dtype and a.shape == b.shape, what
+                    assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)), what
+                    assert torch.equal(a.isnan(), b.isnan()), what
+
+
+def test_common_call_serves_the_training_step():
+    """The calls MIM's training step makes take the fast path (a regression here costs ~60 µs a call)."""
+    module = importlib.import_module("mim_fast.ops.purify_gate")
+
+    x, g = torch.randn(50, 16, 80, requires_grad=True), torch.randn(16, 50, requires_grad=True)
+    u = torch.rand(16, 50).clamp(1e-6, 1 - 1e-6)
+    args = dict(mode="sample", activation="tanh", penalty="mim", lengths=None, batch_first=False, beta=1 / 3,
+                gamma=-0.2, zeta=1.0, loc_bias=3.0, threshold=0.6, backend="auto")
+    for noise, seed in ((u, None), (None, 7), (None, None)):
+        out = module._common_call(x, g, noise, seed, 0, *args.values())
+        assert isinstance(out, mim_fast.PurifyGateOutput) and out.pooled.requires_grad
+
+
+@pytest.mark.skipif(mim_fast.build_info() is None, reason="mim_fast._C not built")
+def test_noise_range_check_matches_aminmax():
+    from mim_fast.ops import _checks
+
+    base = torch.rand(7, 9).clamp(1e-6, 1 - 1e-6)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for bad in (None, 0.0, 1.0, -0.5, 1.5, float("nan"), float("inf"), 1e-45):
+            t = base.to(dtype).clone()
+            if bad is not None:
+                t[3, 4] = bad
+            for view in (t, t.t(), t[:, ::2]):
+                lo, hi = torch.aminmax(view)
+                assert _checks.in_open_unit_interval(view) == (float(lo) > 0 and float(hi) < 1), (dtype, bad)
+    assert _checks.in_open_unit_interval(torch.rand(0, 5))
 
 
 @pytest.mark.cuda

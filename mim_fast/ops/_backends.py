@@ -33,6 +33,7 @@ def register(op: str, backend: str, fn: Callable, reason: Reason) -> None:
     assert backend in BACKENDS, backend
     _REGISTRY.setdefault(op, {})[backend] = (fn, reason)
     _status_cached.cache_clear()
+    _selected.cache_clear()
 
 
 def ops() -> List[str]:
@@ -149,6 +150,24 @@ def select(op: str, backend: str, device: torch.device, dtypes: Iterable[torch.d
             return _REGISTRY[op][name][0]
     lines = "\n".join("  %s: %s" % (b, r) for b, r in status.items())
     raise BackendUnavailableError("%s: no backend can run on %s with %s:\n%s" % (op, device, tuple(dtypes), lines))
+
+
+def select_cached(op: str, backend: str, device_type: str, dtypes: tuple) -> Optional[Callable]:
+    """select() for a call the caller has already validated, in ~1 µs: the implementation, or None
+    where select() would raise (the caller then takes its full path, which raises)."""
+    # TRITON_INTERPRET can only change the answer for backend "triton" ("auto" never picks Triton on CPU
+    # tensors, and on CUDA ones it does not matter): elsewhere the environment lookup (~2 µs) is skipped
+    return _selected(op, backend, device_type, dtypes, backend == "triton" and triton_interpreting())
+
+
+@functools.lru_cache(maxsize=1024)
+def _selected(op: str, backend: str, device_type: str, dtypes: tuple, interpreting: bool) -> Optional[Callable]:
+    # the answer depends only on the arguments and on the registry (register() clears this cache);
+    # `interpreting` is TRITON_INTERPRET's state, passed in so that a change of it is a new question
+    try:
+        return select(op, backend, torch.device(device_type), dtypes)
+    except (ValueError, BackendUnavailableError):
+        return None
 
 
 def available_backends(op: Optional[str] = None, device=None) -> List[str]:

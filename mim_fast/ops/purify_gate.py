@@ -68,6 +68,11 @@ def purify_gate(
     pooled NaN; a NaN/±inf feature reaches pooled through x·z even at a closed step; the clamp passes no
     gradient where it is active (so no NaN·0); padding is never read. See mim_fast.reference.purify_gate.
     """
+    if not torch.compiler.is_compiling():
+        out = _common_call(x, logits, noise, seed, offset, mode, activation, penalty, lengths, batch_first, beta,
+                           gamma, zeta, loc_bias, threshold, backend)
+        if out is not None:
+            return out
     if not isinstance(batch_first, bool):
         raise TypeError("batch_first must be a bool; got %s" % type(batch_first).__name__)
     layout = "(B, T, D) (batch_first=True)" if batch_first else "(T, B, D) (batch_first=False)"
@@ -89,8 +94,7 @@ def purify_gate(
         _checks.same_shape("noise", noise, (B, T), "(B, T) to match logits")
         _checks.same_device("x", x, noise=noise)
         if _checks.can_inspect_values(noise):
-            lo, hi = torch.aminmax(noise)  # one pass (NaN fails both comparisons)
-            if not (bool(lo > 0) and bool(hi < 1)):
+            if not _checks.in_open_unit_interval(noise):
                 raise ValueError("noise must lie in the open interval (0, 1)")
     if seed is not None:
         _checks.nonneg_int("seed", seed)
@@ -133,6 +137,59 @@ def purify_gate(
                 loc_bias=loc_bias, threshold=threshold)
 
 
+_FLOATS = frozenset(_checks.FLOAT_DTYPES)
+_Tensor = torch.Tensor
+_MAX_INDEX = 2**63
+
+
+def _common_call(x, logits, noise, seed, offset, mode, activation, penalty, lengths, batch_first, beta, gamma, zeta,
+                 loc_bias, threshold, backend) -> Optional[PurifyGateOutput]:
+    """The call a training step makes, accepted in a few µs (eager only), or None: the full path then
+    decides, and raises where it must.
+
+    At MIM's size the argument checks of the full path cost as much as the kernels (~60 µs of Python
+    per call on the CI VM, a fifth of the op's forward and backward). This restates the same conditions
+    for the common case only, as a handful of cheap tests: plain tensors (not subclasses or wrappers),
+    no lengths, a non-empty batch, no CUDA-graph capture. Anything else, every error included, takes the
+    full path, so the messages come from one place. tests/test_purify_gate.py::test_common_call_*
+    checks that both paths agree on which calls they accept and on what they return."""
+    if (type(x) is not _Tensor or type(logits) is not _Tensor or lengths is not None or type(batch_first) is not bool
+            or type(offset) is not int or (seed is not None and (noise is not None or type(seed) is not int))
+            or (noise is not None and type(noise) is not _Tensor) or type(backend) is not str):
+        return None
+    shape = x.shape
+    if len(shape) != 3:
+        return None
+    B, T, D = shape if batch_first else (shape[1], shape[0], shape[2])
+    if B < 1 or T < 1 or D < 1 or logits.shape != (B, T) or not 0 <= offset <= _MAX_INDEX - B * T:
+        return None
+    device = x.device
+    if logits.device != device or x.dtype not in _FLOATS or logits.dtype not in _FLOATS:
+        return None
+    if noise is not None:
+        if noise.shape != (B, T) or noise.device != device or noise.dtype not in _FLOATS:
+            return None
+        if device.type == "cpu" and not _checks.in_open_unit_interval(noise):
+            return None
+        dtypes = (x.dtype, logits.dtype, noise.dtype)
+    else:
+        dtypes = (x.dtype, logits.dtype)
+    if seed is not None and not 0 <= seed < _MAX_INDEX:
+        return None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    beta, gamma, zeta, loc_bias, threshold = _options(mode, activation, penalty, beta, gamma, zeta, loc_bias,
+                                                      threshold)
+    impl = _backends.select_cached("purify_gate", backend, device.type, dtypes)
+    if impl is None:
+        return None
+    if mode == "sample" and noise is None and seed is None:
+        seed = reference.draw_seed()
+    return impl(x, logits, noise=noise, seed=seed, offset=offset, mode=mode, activation=activation, penalty=penalty,
+                lengths=None, batch_first=batch_first, beta=beta, gamma=gamma, zeta=zeta, loc_bias=loc_bias,
+                threshold=threshold)
+
+
 def _empty_batch(x, logits, batch_first) -> PurifyGateOutput:
     """B = 0 (an empty rank of a multi-process run, a filtered batch): pooled (0, D), penalty 0 (the mean
     over no step, as with lengths all 0), gate (0, T); gradients flow (empty ones, and 0 for the penalty)."""
@@ -172,11 +229,16 @@ def _fused(forward_op):
         if lengths is not None and lengths.device != x.device:
             # once, here: the forward and the backward (which saves this tensor) then read it in place
             lengths = lengths.to(x.device, torch.int64)
-        pen_shift = beta * reference.penalty_log_ratio(penalty, gamma, zeta, threshold)
+        pen_shift = _pen_shift(penalty, beta, gamma, zeta, threshold)
         out = forward_op(xs, logits, noise, lengths, 0 if seed is None else seed, offset, mode, activation,
                          loc_bias, beta, zeta - gamma, gamma, threshold, pen_shift)
         return PurifyGateOutput(out[0], out[1], out[2])
     return impl
+
+
+@functools.lru_cache(maxsize=64)
+def _pen_shift(penalty, beta, gamma, zeta, threshold) -> float:
+    return beta * reference.penalty_log_ratio(penalty, gamma, zeta, threshold)
 
 
 def _forward_fake(acc_of):
