@@ -49,6 +49,13 @@ int parse_activation(c10::string_view act) {
 }
 
 // Noise, lengths and logits are (B, T)/(B,)-sized: converting them costs nothing next to the x pass.
+// t as a contiguous tensor of dtype `type`: t itself when it already is one (the usual case), without
+// the two dispatched calls (to, contiguous) that find out.
+at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType type) {
+  if (t.scalar_type() == type && t.is_contiguous()) return t;
+  return t.to(type).contiguous();
+}
+
 struct Prepared {
   at::ScalarType acc;
   at::Tensor logits, noise, lengths;
@@ -67,11 +74,11 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& logits, const c10::optio
                    (noise.has_value() && noise->scalar_type() == at::kDouble);
   Prepared p;
   p.acc = f64 ? at::kDouble : at::kFloat;
-  p.logits = logits.to(p.acc).contiguous();
+  p.logits = as_contiguous(logits, p.acc);
   if (noise.has_value()) {
     TORCH_CHECK(noise->dim() == 2 && noise->size(0) == B && noise->size(1) == T,
                 "mim_fast::purify_gate: noise must be (B, T)");
-    p.noise = noise->to(p.acc).contiguous();
+    p.noise = as_contiguous(*noise, p.acc);
   }
   if (lengths.has_value()) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, "mim_fast::purify_gate: lengths must be (B,)");
@@ -456,27 +463,34 @@ void backward_cpu(const at::Tensor& grad_pooled, acc_t grad_penalty, const at::T
   }
   p.dc_part = dc_part.data();
   const Isa isa = cpu_isa();
+  const acc_t* ste_p = ste.data_ptr<acc_t>();
+  const acc_t* dq_p = dq.data_ptr<acc_t>();
+  acc_t* out = grad_logits.data_ptr<acc_t>();
+  const acc_t wpen = grad_penalty * inv_count;
+  const int64_t ndblk = tl.ndblk;
+  // ∂L/∂g of steps [bt0, bt1): ste·Σ_k dc_part[k] (blocks added in a fixed order) + ∂L/∂P·dq/n
+  auto logit_grads = [&](int64_t bt0, int64_t bt1) {
+    for (int64_t bt = bt0; bt < bt1; ++bt) {
+      acc_t dc = acc_t(0);
+      for (int64_t k = 0; k < ndblk; ++k) dc += dc_part[k * B * T + bt];  // fixed order
+      out[bt] = math::ste_times(ste_p[bt], dc) + wpen * dq_p[bt];
+    }
+  };
+  // With one feature block (D ≤ 2048) an item holds its samples' every step: it finishes their ∂L/∂g
+  // itself, inside the parallel region, instead of a serial pass after it (the same operations).
+  const bool rows_in_items = ndblk == 1;
   dispatch_activation(act, [&](auto act_c) {
     for_items<acc_t>(tl, T * B * D, [&](int64_t i, acc_t* buf) {
       const int64_t chunk = i / tl.ndblk, dblk = i % tl.ndblk;
       const int64_t b0 = chunk * tl.rows, b1 = std::min(B, b0 + tl.rows);
       const int64_t d0 = dblk * tl.dblock, n = std::min(D, d0 + tl.dblock) - d0;
       backward_item<decltype(act_c)::value, scalar_t, acc_t>(isa, p, b0, b1, d0, n, dblk, buf);
+      if (rows_in_items) logit_grads(b0 * T, b1 * T);
     });
   });
-
-  const acc_t* ste_p = ste.data_ptr<acc_t>();
-  const acc_t* dq_p = dq.data_ptr<acc_t>();
-  acc_t* out = grad_logits.data_ptr<acc_t>();
-  const acc_t wpen = grad_penalty * inv_count;
-  const int64_t ndblk = tl.ndblk;
-  at::parallel_for(0, B * T, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t bt = begin; bt < end; ++bt) {
-      acc_t dc = acc_t(0);
-      for (int64_t k = 0; k < ndblk; ++k) dc += dc_part[k * B * T + bt];  // fixed order
-      out[bt] = math::ste_times(ste_p[bt], dc) + wpen * dq_p[bt];
-    }
-  });
+  if (!rows_in_items) {
+    at::parallel_for(0, B * T, 4096, [&](int64_t begin, int64_t end) { logit_grads(begin, end); });
+  }
 }
 
 #if MIM_FAST_WITH_CUDA
@@ -561,7 +575,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TORCH_CHECK(false, "mim_fast::purify_gate: this build has no CUDA kernels");
 #endif
   }
-  return {pooled, penalty.to(logits.scalar_type()), gate.to(logits.scalar_type()), ste, dq, inv_count};
+  if (logits.scalar_type() != in.acc) {  // (logits in their own dtype; the acc dtype is returned as is)
+    penalty = penalty.to(logits.scalar_type());
+    gate = gate.to(logits.scalar_type());
+  }
+  return {pooled, penalty, gate, ste, dq, inv_count};
 }
 
 std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_pooled, const at::Tensor& grad_penalty,
@@ -582,8 +600,8 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
                   grad_pooled.size(1) == D && grad_penalty.numel() == 1 && inv_count.numel() == 1,
               "mim_fast::purify_gate_backward: inconsistent shapes");
   const at::ScalarType acc = ste.scalar_type();
-  const at::Tensor G = grad_pooled.to(x.scalar_type()).contiguous();
-  const at::Tensor h = gate.to(acc).contiguous();
+  const at::Tensor G = as_contiguous(grad_pooled, x.scalar_type());
+  const at::Tensor h = as_contiguous(gate, acc);
   const at::Tensor lens =
       lengths.has_value() ? lengths->to(x.device(), at::kLong).clamp(0, T).contiguous() : at::Tensor();
   // keeps x's layout when x is dense (e.g. a batch-first view); (0,) and never written when not wanted
@@ -593,12 +611,12 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
   if (x.is_cpu()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_gate_backward_cpu", [&] {
       if (acc == at::kDouble) {
-        backward_cpu<scalar_t, double>(G, scalar_value<double>(grad_penalty), x, h, ste.contiguous(),
-                                       dq.contiguous(), scalar_value<double>(inv_count), lens, act, grad_x,
+        backward_cpu<scalar_t, double>(G, scalar_value<double>(grad_penalty), x, h, as_contiguous(ste, acc),
+                                       as_contiguous(dq, acc), scalar_value<double>(inv_count), lens, act, grad_x,
                                        grad_logits);
       } else {
-        backward_cpu<scalar_t, float>(G, scalar_value<float>(grad_penalty), x, h, ste.contiguous(),
-                                      dq.contiguous(), scalar_value<float>(inv_count), lens, act, grad_x,
+        backward_cpu<scalar_t, float>(G, scalar_value<float>(grad_penalty), x, h, as_contiguous(ste, acc),
+                                      as_contiguous(dq, acc), scalar_value<float>(inv_count), lens, act, grad_x,
                                       grad_logits);
       }
     });
@@ -633,7 +651,7 @@ std::tuple<at::Tensor, at::Tensor> purify_gate_backward(const at::Tensor& grad_p
     TORCH_CHECK(false, "mim_fast::purify_gate: this build has no CUDA kernels");
 #endif
   }
-  return {grad_x, grad_logits.to(gate.scalar_type())};
+  return {grad_x, grad_logits.scalar_type() == gate.scalar_type() ? grad_logits : grad_logits.to(gate.scalar_type())};
 }
 
 // Elementwise access to the shared float32 math, so the tests can compare it bit for bit with the torch
