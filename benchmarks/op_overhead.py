@@ -8,6 +8,8 @@ times each layer on its own, interleaved round-robin (so the machine's drift hit
   op fwd          mim_fast.purify_gate / kgs_loss under no_grad: + checks and dispatch
   op fwd+bwd      the public op forward and backward, as a training step calls it
   eager fwd+bwd   the eager reference (the published formulation), for the ratio
+  autograd floor  (gate) two scalar ops and torch.autograd.backward of their two outputs, as the gate's
+                  step calls it: what any forward+backward pays for the autograd engine here
 
     python benchmarks/op_overhead.py [--threads 1] [--reps 2000] [--out FILE.json]
 """
@@ -54,7 +56,14 @@ def _gate_calls(T=50, B=16, D=80):
         out = reference.purify_gate(xg, lg, seed=7, exact_math=False)
         torch.autograd.backward([out.pooled, out.penalty], [G, one])
 
-    return {"kernel": kernel, "op fwd": op_fwd, "op fwd+bwd": op_fwd_bwd, "eager fwd+bwd": eager_fwd_bwd}
+    a, b = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
+
+    def autograd_floor():
+        a.grad = b.grad = None
+        torch.autograd.backward([a * b, a + b], [one, one])
+
+    return {"kernel": kernel, "op fwd": op_fwd, "op fwd+bwd": op_fwd_bwd, "eager fwd+bwd": eager_fwd_bwd,
+            "autograd floor": autograd_floor}
 
 
 def _kgs_calls(M=3, B=16, D=80):
