@@ -518,6 +518,9 @@ def test_mask_learner_linear_score_and_skip_connection():
         torch.testing.assert_close(m.gate_logits(x), want, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         ref.pooler3[2].bias.fill_(-100.0)  # a dead score unit: with the ReLU the logits ignore the input
+        # every hidden unit live (|W·h| ≤ 6·0.41 < 3 for LSTM outputs in (−1, 1)): without the final ReLU the
+        # score then still depends on the input (with all three hidden ReLUs dead for some inits, it did not)
+        ref.pooler3[0].bias.fill_(3.0)
     dead = MaskLearner(d, T)
     dead.load_state_dict(ref.state_dict())
     logits = dead.gate_logits(x)
