@@ -48,7 +48,6 @@ int parse_activation(c10::string_view act) {
               std::string(act), "'");
 }
 
-// Noise, lengths and logits are (B, T)/(B,)-sized: converting them costs nothing next to the x pass.
 // t as a contiguous tensor of dtype `type`: t itself when it already is one (the usual case), without
 // the two dispatched calls (to, contiguous) that find out.
 at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType type) {
@@ -56,6 +55,7 @@ at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType type) {
   return t.to(type).contiguous();
 }
 
+// Noise, lengths and logits are (B, T)/(B,)-sized: converting them costs nothing next to the x pass.
 struct Prepared {
   at::ScalarType acc;
   at::Tensor logits, noise, lengths;
