@@ -70,7 +70,7 @@ else
   TESTS=(tests)
   BENCH_BIG=(--gate-shapes 50x2048x768 --kgs-shapes 4096x768,65536x80)
   BENCH_SMALL=(--gate-shapes 50x16x80 --kgs-shapes 16x80 --train-batches 16,256)
-  PROVIDERS=eager,compile,triton,cuda
+  PROVIDERS=eager,compile,triton,cuda,cuda-graphs
   PROFILE=(--steps 5 --warmup 3)
 fi
 

@@ -218,7 +218,7 @@ def summarize(work: str) -> str:
                 t.add("paper size: KGS fwd+bwd M3 B%d D%d fp32, %s: vs eager" % (B, D, p), r and r.get("vs_eager"),
                       "%.2f×", 3.0)
         for B in paper["sweep"]["train"]:
-            for p in fused:
+            for p in fused + (["cuda-graphs"] if "cuda" in fused else []):  # graphs: the fused step, captured
                 r = find(paper, "train_step", "step", p, "fp32", B=B)
                 e = find(paper, "train_step", "step", "eager", "fp32", B=B)
                 t.add("MIM training step B%d fp32, %s vs eager (%s ms vs %s ms)" % (

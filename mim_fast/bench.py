@@ -17,7 +17,9 @@ Cases (the minimal bytes each moves are in the kernels' docstrings and in :func:
   kgs_loss fwd+bwd       SPEC §2, M = 3: h (M, B, D) read once, ∂L/∂h written once
   train_step             MIM's whole training step (SPEC §3) at the paper's D = 80, T = 50; "eager" is the
                          model with the reference ops (backend "torch"), the fused rows use that backend;
-                         torch.compile is not offered for it (two autograd.grad calls and two optimizers)
+                         torch.compile is not offered for it (two autograd.grad calls and two optimizers);
+                         "cuda-graphs" is the fused step (backend auto) replayed as one CUDA graph
+                         (mim_fast.graphs; CUDA only)
 
 Timing: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, warm-up; median and
 p20/p80 over 50 ms (--quick) or 200 ms of calls); on a CPU a repeat-and-median timer that runs the
@@ -348,9 +350,10 @@ def train_step_fn(provider: str, batch_size: int, dtype, device: torch.device) -
     amp = {torch.float32: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
     if amp is None:
         raise ValueError("the training step runs in fp32, bf16 or fp16 (autocast), not %s" % dtype)
-    cfg = _config("torch" if provider == "eager" else provider, device, batch_size=batch_size, d_model=80,
-                  seq_len=50, heads=5, av_layers=3, dims=(768, 74, 47), amp=amp, seed=0)
-    return _Run(provider, cfg, device).step
+    backend = {"eager": "torch", "cuda-graphs": "auto"}.get(provider, provider)
+    cfg = _config(backend, device, batch_size=batch_size, d_model=80, seq_len=50, heads=5, av_layers=3,
+                  dims=(768, 74, 47), amp=amp, seed=0)
+    return _Run(provider, cfg, device, graphs=provider == "cuda-graphs").step
 
 
 # ---------------------------------------------------------------------------------------------------- runner
@@ -373,6 +376,8 @@ def _providers(op: str, device: str, dtype: torch.dtype, wanted: Optional[Sequen
         if backend == "triton" and reason is None and device == "cpu":
             reason = "Triton under the CPU interpreter is a test vehicle: its timings mean nothing"
         out.append((backend, reason))
+    if op == "train_step":  # the fused step (backend auto) replayed as one CUDA graph
+        out.append(("cuda-graphs", None if device == "cuda" else "CUDA graphs need a CUDA device"))
     if wanted:
         out = [(p, r) for p, r in out if p in wanted]
     return out
@@ -595,7 +600,8 @@ def trust_warning(rows: List[Row]) -> Optional[str]:
 
 # Fixed colours and markers per provider: the same provider looks the same in every panel and plot.
 PROVIDER_STYLE = {"eager": ("tab:blue", "o"), "compile": ("tab:orange", "s"), "compile-max-autotune": ("tab:brown", "D"),
-                  "cpu": ("tab:green", "^"), "triton": ("tab:purple", "v"), "cuda": ("tab:red", "P")}
+                  "cpu": ("tab:green", "^"), "triton": ("tab:purple", "v"), "cuda": ("tab:red", "P"),
+                  "cuda-graphs": ("tab:pink", "*")}
 
 
 def _si(n: float) -> str:
@@ -684,7 +690,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     p.add_argument("--ops", default="gate,kgs,train", help="comma-separated subset of gate,kgs,train")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of %s" % ",".join(DTYPES))
-    p.add_argument("--providers", help="comma-separated subset of eager,compile,compile-max-autotune,cpu,triton,cuda")
+    p.add_argument("--providers", help="comma-separated subset of eager,compile,compile-max-autotune,cpu,triton,cuda,"
+                                       "cuda-graphs (the training step only)")
     p.add_argument("--gate-shapes", metavar="TxBxD,...", help="gate shapes instead of the sweep's, e.g. 50x256x768")
     p.add_argument("--kgs-shapes", metavar="BxD,...", help="KGS shapes (M = 3) instead of the sweep's, e.g. 4096x768")
     p.add_argument("--train-batches", metavar="B,...", help="training-step batch sizes instead of the sweep's")
@@ -720,7 +727,8 @@ def main(args) -> int:
     try:
         ops = _split(args.ops, OPS, "ops")
         dtypes = _split(args.dtypes, list(DTYPES), "dtypes")
-        providers = (_split(args.providers, ["eager", "compile", "compile-max-autotune", "cpu", "triton", "cuda"],
+        providers = (_split(args.providers, ["eager", "compile", "compile-max-autotune", "cpu", "triton", "cuda",
+                                             "cuda-graphs"],
                             "providers") if args.providers else None)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         sweep = dict(SWEEPS[(device, args.quick)])

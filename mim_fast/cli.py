@@ -148,6 +148,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward (off by default: on this project's 2-core CPU a compiled "
                         "step measured slower than eager, see README; recorded in metrics.json)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each training step as one CUDA graph, captured once per epoch (CUDA, one process; "
+                        "not with --amp fp16 or --compile; recorded in metrics.json)")
     g.add_argument("--keep-checkpoints", type=_int_at_least(1), default=3, metavar="K",
                    help="keep the last K epoch checkpoints; --resume falls back to an older one if the newest "
                         "is damaged (default: 3)")
@@ -187,7 +190,8 @@ def _train(args, prog: str) -> int:
     elif args.routing is not None:
         given["per_sample"] = args.routing == "per-sample"
     opts = dict(progress=not args.quiet, keep_checkpoints=args.keep_checkpoints, threads=args.threads,
-                trust_data=args.trust_data, compile=args.compile)
+                trust_data=args.trust_data, compile=args.compile,
+                cuda_graphs=args.cuda_graphs)
     # Under torchrun every process runs this; rank 0 reports, the others print only errors of their own.
     rank = int(os.environ.get("RANK", "0"))
     if rank:

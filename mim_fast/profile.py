@@ -134,17 +134,27 @@ def _sync(device: torch.device) -> None:
 class _Run:
     """One mode's model, optimizers and batch, from the same seed as every other mode's."""
 
-    def __init__(self, label: str, config: train_lib.TrainConfig, device: torch.device):
+    def __init__(self, label: str, config: train_lib.TrainConfig, device: torch.device, *, graphs: bool = False):
+        """``graphs``: the step captured as a CUDA graph (:class:`mim_fast.graphs.CapturedStep`; the first
+        call captures it, after its warm-up steps)."""
         self.label, self.config, self.device = label, config, device
         data = train_lib.load_for_training(config)
         torch.manual_seed(config.seed)
         self.model = train_lib.build_model(data, config).to(device)
-        self.opt = train_lib.Optimizers(self.model, config, device)
+        self.opt = train_lib.Optimizers(self.model, config, device, capturable=graphs)
         self.batch = next(train_lib.batches(data.train, config.batch_size, shuffle=False, device=device))
         self.noise_seed = config.seed + 1
         self.step_ms: List[float] = []
+        self.captured = None
+        if graphs:
+            from .graphs import CapturedStep
+
+            self.captured = CapturedStep(self.model, self.opt, config, device)
 
     def step(self) -> None:
+        if self.captured is not None:
+            self.captured(self.batch, self.noise_seed)
+            return
         train_lib.train_step(self.model, self.opt, self.batch, self.config, self.noise_seed, self.device)
 
     def timed_step(self) -> None:

@@ -541,9 +541,11 @@ def sample_scaled_penalty(model: MIM, out, lengths, config: TrainConfig) -> torc
 
 
 def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, device: torch.device,
-                   penalty_factor: float = 1.0):
+                   penalty_factor: float = 1.0, *, penalty_weight: Optional[torch.Tensor] = None):
     """Forward pass and every loss of the step: (out, kgs, L_cls, loss_A, loss_B). ``penalty_factor``
-    multiplies the penalty weight (:func:`penalty_ramp`).
+    multiplies the penalty weight (:func:`penalty_ramp`). ``penalty_weight``, when given, replaces both
+    numbers: the step's ``config.penalty_weight × penalty_factor`` as a 0-d float32 tensor on the device
+    (the input of a captured step, :class:`mim_fast.graphs.CapturedStep`; the same float32 arithmetic).
 
     ``model`` may be wrapped in DistributedDataParallel: its forward then runs under ``no_sync``, since the
     step takes its two gradient sets with torch.autograd.grad and all-reduces them itself
@@ -573,7 +575,8 @@ def compute_losses(model: MIM, batch, config: TrainConfig, noise_seed: int, devi
         kgs = _kgs_share(out, y, config, part, world)
     with named_range("mim/task_loss"):
         task = (out.prediction.float() - y).abs().sum() / size
-        weight = config.penalty_weight * penalty_factor * (task.detach() if config.penalty_scale == "task" else 1.0)
+        coef = config.penalty_weight * penalty_factor if penalty_weight is None else penalty_weight
+        weight = coef * task.detach() if config.penalty_scale == "task" else coef
         penalty = sample_scaled_penalty(net, out, lengths, config) if config.penalty_scale == "sample" \
             else _penalty_share(out.penalty.float(), batch, part, net)
         loss_a = weight * penalty + kgs.masked
@@ -588,12 +591,19 @@ class Optimizers:
     several processes (torch.distributed initialized) each step sums both gradient sets over the processes
     (one bucketed all_reduce) before either Adam step, so every process takes the same steps."""
 
-    def __init__(self, model: MIM, config: TrainConfig, device: torch.device):
+    def __init__(self, model: MIM, config: TrainConfig, device: torch.device, *, capturable: bool = False):
+        """``capturable``: Adam's step count on the device and its update capturable in a CUDA graph
+        (``torch.optim.Adam(capturable=True)``, CUDA only; :class:`mim_fast.graphs.CapturedStep`)."""
         model = _unwrap(model)
         self.config = config
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.upn = model.upn_parameters()
         kw = dict(lr=config.lr, weight_decay=config.weight_decay)
+        if capturable:
+            if device.type != "cuda":
+                raise ValueError("capturable optimizers need a CUDA device (torch.optim.Adam(capturable=True)); "
+                                 "got %s" % device)
+            kw["capturable"] = True
         if config.adam == "fused":
             # The same update to rounding, in one kernel per parameter instead of ~10 ops: 9.3 -> 2.3 ms per
             # step (both optimizers) at the paper's dims on one CPU thread, 5-7% of the step.
@@ -686,16 +696,18 @@ LOGGED = ("task", "masked", "unmasked", "intra", "inter", "penalty")
 
 
 def train_step(model: MIM, opt: Optimizers, batch, config: TrainConfig, noise_seed: int, device: torch.device,
-               penalty_factor: float = 1.0):
+               penalty_factor: float = 1.0, *, penalty_weight: Optional[torch.Tensor] = None):
     """One MIM update; returns this process's shares of the step's losses (:data:`LOGGED`) as detached 0-d
     float32 tensors on ``device`` — no host sync; summed over processes they are the global batch's.
-    ``penalty_factor`` multiplies the penalty weight (:func:`penalty_ramp`).
+    ``penalty_factor`` multiplies the penalty weight (:func:`penalty_ramp`); ``penalty_weight`` as in
+    :func:`compute_losses`.
 
     A process whose part of the global batch is empty (the last batch of an epoch can be smaller than the
     number of processes) runs no forward pass but takes part in the step's collectives with nothing, and
     takes the same Adam steps as the others."""
     if len(batch.labels):
-        out, kgs, task, loss_a, loss_b = compute_losses(model, batch, config, noise_seed, device, penalty_factor)
+        out, kgs, task, loss_a, loss_b = compute_losses(model, batch, config, noise_seed, device, penalty_factor,
+                                                        penalty_weight=penalty_weight)
         opt.step(loss_a, loss_b)
         penalty = _penalty_share(out.penalty.float(), batch, batch.part, _unwrap(model))
         logged = (task, kgs.masked, kgs.unmasked, kgs.intra, kgs.inter, penalty)
@@ -915,7 +927,7 @@ def _checkpoint_payload(model, opt, state, config, epoch) -> dict:
 
 def run(config: TrainConfig, *, overwrite: bool = False, progress: bool = True, keep_checkpoints: int = 3,
         threads: Optional[int] = None, trust_data: bool = False, stop_after_steps: Optional[int] = None,
-        compile: bool = False, log=print, warn=_warn) -> dict:
+        compile: bool = False, cuda_graphs: bool = False, log=print, warn=_warn) -> dict:
     """Train and evaluate a new run in ``config.out``; returns (and writes to <out>/metrics.json) the
     history, the best epoch and its test metrics, a trivial baseline and the environment.
 
@@ -927,7 +939,8 @@ def run(config: TrainConfig, *, overwrite: bool = False, progress: bool = True, 
     (None: as set). ``trust_data``: unpickle data files without the plain-data restriction.
     ``stop_after_steps`` stops the run after that many training steps in total (without a checkpoint for
     the unfinished epoch), as a crash would — for tests. ``compile``: torch.compile the model's forward
-    (see :func:`compile_model`). Ctrl-C raises :class:`Interrupted`.
+    (see :func:`compile_model`). ``cuda_graphs``: replay each training step as a CUDA graph captured once per
+    epoch (:class:`mim_fast.graphs.CapturedStep`; CUDA, one process). Ctrl-C raises :class:`Interrupted`.
 
     Under torchrun (WORLD_SIZE > 1) every process calls this: they join one process group and train one
     model, each on its part of every global batch of ``config.batch_size`` (see :mod:`mim_fast.distributed`);
@@ -940,12 +953,13 @@ def run(config: TrainConfig, *, overwrite: bool = False, progress: bool = True, 
         return dataclasses.replace(config, world_size=world.size), None
 
     return _train(prepare, overwrite=overwrite, progress=progress, keep=keep_checkpoints, threads=threads,
-                  trust_data=trust_data, stop_after_steps=stop_after_steps, compile=compile, log=log, warn=warn)
+                  trust_data=trust_data, stop_after_steps=stop_after_steps, compile=compile, cuda_graphs=cuda_graphs,
+                  log=log, warn=warn)
 
 
 def resume(out: str, changes: Optional[dict] = None, *, progress: bool = True, keep_checkpoints: int = 3,
            threads: Optional[int] = None, trust_data: bool = False, stop_after_steps: Optional[int] = None,
-           compile: bool = False, log=print, warn=_warn) -> dict:
+           compile: bool = False, cuda_graphs: bool = False, log=print, warn=_warn) -> dict:
     """Continue the run in the folder ``out`` (wherever it was first written) from its newest intact
     checkpoint; an unreadable or damaged newer one is skipped with a warning. ``changes`` (TrainConfig
     fields) may set ``epochs`` (to extend the run), ``device`` and ``backend``; any other field that differs
@@ -966,7 +980,8 @@ def resume(out: str, changes: Optional[dict] = None, *, progress: bool = True, k
         return config, ck
 
     return _train(prepare, overwrite=False, progress=progress, keep=keep_checkpoints, threads=threads,
-                  trust_data=trust_data, stop_after_steps=stop_after_steps, compile=compile, log=log, warn=warn)
+                  trust_data=trust_data, stop_after_steps=stop_after_steps, compile=compile, cuda_graphs=cuda_graphs,
+                  log=log, warn=warn)
 
 
 def _check_run_options(keep_checkpoints, threads) -> None:
@@ -1001,7 +1016,7 @@ def _torch_seed(seed: int, epoch: int, rank: int) -> int:
         np.random.SeedSequence([seed, epoch, 0, rank]).generate_state(1, dtype=np.uint64)[0] >> 2)
 
 
-def _train(prepare, *, overwrite, progress, keep, threads, trust_data, stop_after_steps, compile, log,
+def _train(prepare, *, overwrite, progress, keep, threads, trust_data, stop_after_steps, compile, cuda_graphs, log,
            warn) -> dict:
     with distributed.session() as world:
         if not world.main:
@@ -1014,10 +1029,16 @@ def _train(prepare, *, overwrite, progress, keep, threads, trust_data, stop_afte
             config, ck = prepare(world, log, warn)
             device = _process_device(config, world)
             backends = resolve_backends(config.backend, device)
+            if cuda_graphs:
+                from . import graphs
+
+                reason = graphs.unsupported(config, device, world_size=world.size, compile=compile)
+                if reason:
+                    raise ValueError(reason)
             _seed_everything(config.seed)
             dataset = load_for_training(config, trusted=trust_data)
             model = build_model(dataset, config).to(device)
-            opt = Optimizers(model, config, device)
+            opt = Optimizers(model, config, device, capturable=cuda_graphs and device.type == "cuda")
             state = {"epoch": 0, "history": [], "best": None, "sessions": []}
             if ck is not None:
                 try:
@@ -1033,12 +1054,13 @@ def _train(prepare, *, overwrite, progress, keep, threads, trust_data, stop_afte
         distributed.agree(error, world)
         distributed.check_replicas(model, world, "after setup")
         result = _epochs(model, opt, dataset, config, ck, state, device, backends, world, overwrite=overwrite,
-                         progress=progress, keep=keep, stop_after_steps=stop_after_steps, compile=compile, log=log)
+                         progress=progress, keep=keep, stop_after_steps=stop_after_steps, compile=compile,
+                         cuda_graphs=cuda_graphs, log=log)
         return distributed.broadcast_result(result, world)
 
 
 def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, overwrite, progress, keep,
-            stop_after_steps, compile, log) -> dict:
+            stop_after_steps, compile, cuda_graphs, log) -> dict:
     out = config.out
     resumed = ck is not None
     baseline = metrics_lib.regression_metrics(
@@ -1046,6 +1068,14 @@ def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, 
     has_impurity = bool(dataset.test.impurity)
     if compile:
         compile_model(model)
+    step = train_step
+    if cuda_graphs:
+        from .graphs import CapturedStep
+
+        captured = CapturedStep(model, opt, config, device)
+
+        def step(model, opt, batch, config, noise_seed, device, penalty_factor):
+            return captured(batch, noise_seed, penalty_factor)
 
     def result(finished: bool) -> dict:
         return {"config": dataclasses.asdict(config), "baseline": baseline, "history": state["history"],
@@ -1066,7 +1096,7 @@ def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, 
         if not resumed:
             _create_run_folder(out, overwrite)  # the first write: every input is checked by now
         state["sessions"].append(dict(environment(device, backends), first_epoch=state["epoch"] + 1,
-                                      world_size=world.size, compile=compile))
+                                      world_size=world.size, compile=compile, cuda_graphs=cuda_graphs))
         runs.write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
         if not resumed:
             log("data: %s — train/dev/test = %d/%d/%d; %s" % (
@@ -1097,8 +1127,8 @@ def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, 
                                          seed=_epoch_seed(config.seed, epoch, 2), world=world,
                                          drop_last=config.drop_last))
             for i, batch in enumerate(epoch_batches, 1):
-                losses = train_step(model, opt, batch, config, noise_seed, device,
-                                    penalty_ramp(config, epoch, i - 1, len(epoch_batches)))
+                losses = step(model, opt, batch, config, noise_seed, device,
+                              penalty_ramp(config, epoch, i - 1, len(epoch_batches)))
                 sums += torch.stack([losses[k] for k in LOGGED]).double()
                 n += 1
                 steps += 1

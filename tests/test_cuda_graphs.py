@@ -145,3 +145,57 @@ def test_capture_rejects_what_a_graph_would_freeze_or_cannot_copy():
         with pytest.raises(ValueError, match=message):
             with torch.cuda.graph(graph):
                 mim_fast.purify_gate(x, logits, **kwargs)
+
+
+# ---- the whole training step (mim_fast.graphs, `mim-fast train --cuda-graphs`) ------------------------------
+
+def _tiny_training(tmp_path, **kw):
+    from mim_fast import train as T
+
+    opts = dict(synthetic={"n_train": 88, "n_dev": 24, "n_test": 24, "T": 7, "dims": [9, 5, 3]}, d_model=10, heads=2,
+                batch_size=16, epochs=2, lr=3e-3, device="cuda", drop_last=False, penalty_warmup=1.0)
+    return T.TrainConfig(out=str(tmp_path / "run"), **{**opts, **kw})
+
+
+@pytest.mark.parametrize("adam", ["fused", "default"])
+def test_captured_training_step_follows_the_eager_step(tmp_path, adam):
+    """Two twin models on the GPU, both with capturable Adam: one stepped eagerly, one by CapturedStep
+    (captured once per epoch, the last batch of 8 eagerly). The same kernels on the same values: losses and
+    parameters agree to float32 rounding (a reduction's atomics may reorder)."""
+    from mim_fast import graphs
+    from mim_fast import train as T
+
+    cfg = _tiny_training(tmp_path, adam=adam)
+    dev = torch.device("cuda")
+    data = T.load_for_training(cfg)
+    torch.manual_seed(1)
+    model = T.build_model(data, cfg).to(dev)
+    twin = T.build_model(data, cfg).to(dev)
+    twin.load_state_dict(model.state_dict())
+    opt = T.Optimizers(model, cfg, dev, capturable=True)
+    step = graphs.CapturedStep(twin, T.Optimizers(twin, cfg, dev, capturable=True), cfg, dev)
+    for epoch in (1, 2):
+        seed = T._epoch_seed(0, epoch, 1)
+        epoch_batches = list(T.batches(data.train, 16, shuffle=True, device=dev, seed=epoch))
+        for i, batch in enumerate(epoch_batches):
+            ramp = T.penalty_ramp(cfg, epoch, i, len(epoch_batches))
+            want = T.train_step(model, opt, batch, cfg, seed, dev, ramp)
+            got = step(batch, seed, ramp)
+            for k in T.LOGGED:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: "%d/%d %s: %s" % (
+                    epoch, i, k, m))
+    assert (step.captures, step.replays, step.eager_steps) == (2, 10, 2)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: "%s: %s" % (name, m))
+
+
+def test_run_with_cuda_graphs_matches_the_eager_run(tmp_path):
+    from mim_fast import train as T
+
+    quiet = dict(progress=False, log=lambda *a: None)
+    eager = T.run(_tiny_training(tmp_path / "eager"), **quiet)
+    graphed = T.run(_tiny_training(tmp_path / "graphed"), cuda_graphs=True, **quiet)
+    assert graphed["sessions"][-1]["cuda_graphs"] is True
+    for a, b in zip(eager["history"], graphed["history"]):
+        for part in ("dev", "test"):
+            assert abs(a[part]["l1"] - b[part]["l1"]) <= 1e-3 * (1 + abs(a[part]["l1"])), (a["epoch"], part)

@@ -1,0 +1,201 @@
+"""MIM's training step captured as one CUDA graph and replayed (``mim-fast train --cuda-graphs``).
+
+At the paper's size (B = 16, D = 80, T = 50) a training step launches about a thousand small kernels, so on
+a GPU it is bound by launch latency and Python, not by arithmetic. A CUDA graph records the step's kernels
+once (forward, both gradient sets, both Adam updates) and replays them with one launch.
+
+What changes between replays, and how a replay sees it:
+
+* **the batch** — copied into static buffers (inputs, lengths, labels, sample indices) before each replay;
+* **gate noise and dropout** — keyed by (the epoch's seed, global sample index, element). The indices are a
+  static buffer, so each replay draws its own samples' noise; the epoch's seed is a kernel argument, frozen
+  at capture, so the step is captured again at the first step of every epoch;
+* **the penalty weight** — it changes every step under ``penalty_warmup``: a 0-d float32 device tensor,
+  filled before each replay (:func:`mim_fast.train.compute_losses`'s ``penalty_weight``);
+* **Adam** — ``torch.optim.Adam(capturable=True)`` keeps its step count on the device.
+
+A batch of another shape (the last, smaller batch of an epoch when ``drop_last`` is off) runs eagerly, on the
+same parameters and optimizer state. Capturing runs ``warmup`` steps first (on a side stream, as torch's
+CUDA-graph docs require: lazy state such as Adam's moments must exist before capture, or its
+initialization would be recorded and replayed). Those steps would move the model, so the parameters,
+buffers, optimizer state and RNG states are saved before them and restored in place after: a captured run
+follows the eager run's trajectory (the same kernels on the same values; only capturable Adam's
+device-side bias correction may round differently from the default Adam's host-side one).
+
+Refused, with the reason (:func:`unsupported`): a device other than CUDA, several processes (the step's
+all_reduce is not captured), fp16 autocast (GradScaler reads its inf check on the host), ``dropout="torch"``
+(torch's generator, not keyed by sample: a replay would not follow the eager run) and ``--compile``.
+
+``capture=False`` runs the same static-buffer step without a graph, on any device: the test of everything
+up to the capture boundary that a CPU can run (tests/test_graphs.py). The GPU tests
+(tests/test_cuda_graphs.py) compare captured and eager runs.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import train as train_lib
+from .train import LOGGED, Batch, Optimizers, TrainConfig
+
+__all__ = ["CapturedStep", "unsupported"]
+
+
+def unsupported(config: TrainConfig, device: torch.device, *, world_size: int = 1,
+                compile: bool = False) -> Optional[str]:
+    """Why a captured training step cannot serve this run, or None when it can."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device; the run is on %s" % device
+    if world_size > 1:
+        return ("--cuda-graphs trains on one process; under torchrun (%d processes) the gradients' all_reduce "
+                "is not captured" % world_size)
+    if config.amp == "fp16":
+        return "--amp fp16's GradScaler reads its inf check on the host, which a graph cannot: use --amp bf16 or none"
+    if config.dropout != "keyed":
+        return ("dropout=%r draws from torch's generator; a captured step replays keyed dropout "
+                "(dropout='keyed', the default)" % config.dropout)
+    if compile:
+        return "--cuda-graphs and --compile are not combined (torch.compile's own graphs: mode='reduce-overhead')"
+    return None
+
+
+class CapturedStep:
+    """A callable ``step(batch, noise_seed, penalty_factor=1.0) -> losses`` that does what
+    :func:`mim_fast.train.train_step` does, replaying a CUDA graph of the step for every batch of the first
+    full batch's shapes (see the module's docstring).
+
+    ``model`` and ``opt`` (:class:`~mim_fast.train.Optimizers`, built with ``capturable=True`` on CUDA) are
+    updated in place. Returns the step's losses (:data:`~mim_fast.train.LOGGED`) as 0-d float32 tensors of
+    its own (copied out of the graph's outputs), with no host sync. ``capture``: None (default) captures on
+    CUDA; False runs the static-buffer step eagerly (any device). ``warmup``: eager steps before each
+    capture, undone afterwards. Counters: ``captures``, ``replays``, ``eager_steps``."""
+
+    def __init__(self, model, opt: Optimizers, config: TrainConfig, device: torch.device, *,
+                 capture: Optional[bool] = None, warmup: int = 2):
+        device = torch.device(device)
+        self.capture = device.type == "cuda" if capture is None else bool(capture)
+        if self.capture:
+            reason = unsupported(config, device)
+            if reason:
+                raise ValueError(reason)
+            for o in opt.opts:
+                if not all(g.get("capturable") or False for g in o.param_groups):
+                    raise ValueError("CapturedStep needs Optimizers(..., capturable=True) on CUDA")
+        if any(not isinstance(o, torch.optim.Adam) for o in opt.opts):
+            raise TypeError("CapturedStep restores Adam's state after the warm-up steps; got %s"
+                            % ", ".join(type(o).__name__ for o in opt.opts))
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError("warmup must be an int >= 1; got %r" % (warmup,))
+        self.model, self.opt, self.config, self.device, self.warmup = model, opt, config, device, warmup
+        self.coef = torch.zeros((), dtype=torch.float32, device=device)
+        self.static: Optional[Batch] = None
+        self.graph = None
+        self.seed: Optional[int] = None
+        self.outputs: Optional[torch.Tensor] = None
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.captures = self.replays = self.eager_steps = 0
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def __call__(self, batch: Batch, noise_seed: int, penalty_factor: float = 1.0) -> Dict[str, torch.Tensor]:
+        if not self._fits(batch):
+            self.eager_steps += 1
+            return train_lib.train_step(self.model, self.opt, batch, self.config, noise_seed, self.device,
+                                        penalty_factor)
+        self._load(batch)
+        self.coef.fill_(self.config.penalty_weight * penalty_factor)  # a fill kernel: no host-to-device copy
+        if not self.capture:
+            logged = self._step(noise_seed)
+        else:
+            if self.graph is None or noise_seed != self.seed:
+                self._capture(noise_seed)
+            self.graph.replay()
+            logged = self.outputs
+        self.replays += 1
+        # A copy: the graph's outputs are overwritten by the next replay, and callers keep the losses.
+        return dict(zip(LOGGED, logged.clone().unbind()))
+
+    def _step(self, noise_seed: int) -> torch.Tensor:
+        """The step on the static buffers (what is captured); the losses stacked in one (6,) tensor."""
+        logged = train_lib.train_step(self.model, self.opt, self.static, self.config, noise_seed, self.device,
+                                      penalty_weight=self.coef)
+        return torch.stack([logged[k] for k in LOGGED])
+
+    # -- static buffers -------------------------------------------------------------------------------------
+    @staticmethod
+    def _tensors(batch: Batch) -> List[Tuple[str, torch.Tensor]]:
+        pairs = [("inputs." + k, v) for k, v in sorted(batch.inputs.items())]
+        pairs += [("lengths." + k, v) for k, v in sorted((batch.lengths or {}).items())]
+        return pairs + [("labels", batch.labels), ("index", batch.index)]
+
+    def _fits(self, batch: Batch) -> bool:
+        """Whether ``batch`` can go through the static buffers: the shapes and dtypes of the first full batch
+        (a batch of ``config.batch_size`` samples; any other size runs eagerly) and the same modalities."""
+        if batch.part is not None or len(batch.labels) != self.config.batch_size:
+            return False
+        if self.static is None:
+            return True
+        mine, theirs = self._tensors(self.static), self._tensors(batch)
+        return len(mine) == len(theirs) and all(
+            a == b and s.shape == t.shape and s.dtype == t.dtype for (a, s), (b, t) in zip(mine, theirs))
+
+    def _load(self, batch: Batch) -> None:
+        if self.static is None:  # allocated outside the graph's pool; alive as long as this object
+            def own(t):
+                return t.detach().to(self.device, copy=True)
+
+            self.static = Batch({k: own(v) for k, v in batch.inputs.items()},
+                                None if batch.lengths is None else {k: own(v) for k, v in batch.lengths.items()},
+                                own(batch.labels), own(batch.index), None, None)
+            return
+        for (_, dst), (_, src) in zip(self._tensors(self.static), self._tensors(batch)):
+            dst.copy_(src, non_blocking=True)
+
+    # -- capture ----------------------------------------------------------------------------------------------
+    def _capture(self, noise_seed: int) -> None:
+        self.graph = self.outputs = None  # the previous epoch's graph goes first: its memory returns to the pool
+        saved = self._save()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._step(noise_seed)
+        current.wait_stream(side)
+        self._restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs = self._step(noise_seed)
+        self.graph, self.seed = graph, noise_seed
+        self.captures += 1
+
+    def _save(self):
+        """Copies of what the warm-up steps change: parameters and buffers, Adam's state (None for a parameter
+        without state yet) and the RNG states."""
+        net = train_lib._unwrap(self.model)
+        with torch.no_grad():
+            model = [(t, t.clone()) for t in net.state_dict().values() if torch.is_tensor(t)]
+            states = []
+            for o in self.opt.opts:
+                for group in o.param_groups:
+                    for p in group["params"]:
+                        st = o.state.get(p)
+                        states.append((o, p, {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                                       if st else None))
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        return model, states, rng
+
+    def _restore(self, saved) -> None:
+        """Everything :meth:`_save` copied, written back in place (the graph records these very tensors).
+        Adam state that the warm-up created is reset to its initial value, zero (step 0, zero moments), as
+        the first real step would create it."""
+        model, states, (cpu_rng, cuda_rng) = saved
+        with torch.no_grad():
+            for t, copy in model:
+                t.copy_(copy)
+            for o, p, copy in states:
+                st = o.state.get(p)
+                for k, v in (st or {}).items():
+                    if torch.is_tensor(v):
+                        v.zero_() if copy is None else v.copy_(copy[k])
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)

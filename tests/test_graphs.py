@@ -1,0 +1,189 @@
+"""The captured training step (mim_fast.graphs, `mim-fast train --cuda-graphs`) up to the capture boundary,
+on the CPU: the static-buffer step follows train_step bit for bit, it makes no host sync and builds no
+tensor from host data (what capture forbids), the warm-up is undone exactly, the run with it is the run
+without it, and what cannot be captured is refused with the reason. The capture itself runs on the GPU
+machine (tests/test_cuda_graphs.py)."""
+import collections
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mim_fast import graphs
+from mim_fast import train as T
+from mim_fast.ops import _checks
+
+CPU = torch.device("cpu")
+TINY = dict(synthetic={"n_train": 88, "n_dev": 24, "n_test": 24, "T": 7, "dims": [9, 5, 3]}, d_model=10, heads=2,
+            batch_size=16, epochs=2, lr=3e-3)
+
+# What capture forbids, as the dispatcher sees it: a read of a value on the host (item(), bool(), int() of a
+# tensor: _local_scalar_dense), outputs whose size depends on values (a sync), a tensor built from host data
+# (torch.tensor(...): lift_fresh, a host-to-device copy on CUDA).
+SYNCING = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+           "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::lift_fresh", "aten::equal",
+           "aten::allclose"}
+
+
+class SyncProbe(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in SYNCING:
+            self.seen[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _setup(tmp_path, **kw):
+    cfg = T.TrainConfig(out=str(tmp_path / "run"), **{**TINY, **kw})
+    data = T.load_for_training(cfg)
+    torch.manual_seed(1)
+    model = T.build_model(data, cfg)
+    return cfg, data, model, T.Optimizers(model, cfg, CPU)
+
+
+def _twin(model, cfg):
+    twin = T.build_model(T.load_for_training(cfg), cfg)
+    twin.load_state_dict(model.state_dict())
+    return twin, T.Optimizers(twin, cfg, CPU)
+
+
+VARIANTS = [
+    dict(),
+    dict(penalty_warmup=1.5, penalty_scale="task"),  # the weight changes every step: the tensor input
+    dict(penalty_scale="sample", per_sample=False, optimizer="joint"),
+    dict(backend="torch", drop_last=False, adam="default"),  # reference ops; a last batch of 8 runs eagerly
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=["demo", "warmup-task", "sample-joint", "torch-lastbatch"])
+def test_static_buffer_step_follows_train_step_bit_for_bit(tmp_path, kw):
+    cfg, data, model, opt = _setup(tmp_path, **kw)
+    twin, twin_opt = _twin(model, cfg)
+    step = graphs.CapturedStep(twin, twin_opt, cfg, CPU, capture=False)
+    for epoch in (1, 2):
+        seed = T._epoch_seed(0, epoch, 1)
+        epoch_batches = list(T.batches(data.train, cfg.batch_size, shuffle=True, device=CPU, seed=epoch,
+                                       drop_last=cfg.drop_last))
+        for i, batch in enumerate(epoch_batches):
+            ramp = T.penalty_ramp(cfg, epoch, i, len(epoch_batches))
+            want = T.train_step(model, opt, batch, cfg, seed, CPU, ramp)
+            got = step(batch, seed, ramp)
+            assert list(got) == list(T.LOGGED)
+            for k in T.LOGGED:
+                assert torch.equal(got[k], want[k]), (epoch, i, k, got[k], want[k])
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    n = len(data.train)
+    assert step.eager_steps == (2 * (n % 16 != 0) if not cfg.drop_last else 0)
+    assert step.replays == 2 * (n // 16)
+    # the static buffers hold the last full batch; the caller's tensors were copied, never aliased
+    assert all(step.static.inputs[m].data_ptr() != b.inputs[m].data_ptr() for m, b in
+               ((m, epoch_batches[0]) for m in step.static.inputs))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_step_makes_no_host_sync_and_no_host_to_device_copy(tmp_path, monkeypatch, backend):
+    """The captured region under a dispatcher probe. On CUDA the ops skip the value checks that read a CPU
+    tensor's values (can_inspect_values is False there): the probe runs with CUDA's answer."""
+    cfg, data, model, opt = _setup(tmp_path, backend=backend, penalty_warmup=2.0, penalty_scale="sample")
+    step = graphs.CapturedStep(model, opt, cfg, CPU, capture=False)
+    batch = next(T.batches(data.train, 16, shuffle=True, device=CPU, seed=3))
+    step(batch, 5, 0.25)  # Adam's state exists from here on, as at capture
+    monkeypatch.setattr(_checks, "can_inspect_values", lambda t: False)
+    with SyncProbe() as probe:
+        step._step(5)
+    assert not probe.seen, dict(probe.seen)
+    with SyncProbe() as probe:  # the probe can fail
+        torch.ones(3).sum().item()
+        torch.tensor([1.0, 2.0])
+    assert probe.seen["aten::_local_scalar_dense"] == 1 and probe.seen["aten::lift_fresh"] == 1
+
+
+def test_warmup_is_undone_exactly(tmp_path):
+    """_save/_restore around steps: parameters, Adam's state and the RNG state come back bit for bit; Adam
+    state the steps created is reset to zero (what the first real step creates)."""
+    cfg, data, model, opt = _setup(tmp_path)
+    step = graphs.CapturedStep(model, opt, cfg, CPU, capture=False)
+    batches = list(T.batches(data.train, 16, shuffle=True, device=CPU, seed=4))
+    step._load(batches[0])
+    fresh = step._save()
+    assert all(s is None for _, _, s in fresh[1])
+    for _ in range(2):
+        step._step(9)
+    step._restore(fresh)
+    for (t, copy) in fresh[0]:
+        assert torch.equal(t, copy)
+    for o in opt.opts:
+        for st in o.state.values():
+            assert st and all(not v.any() for v in st.values() if torch.is_tensor(v))
+    step(batches[1], 9)
+    before_params = {k: v.clone() for k, v in model.state_dict().items()}
+    before_state = [{k: v.clone() for k, v in st.items()} for o in opt.opts for st in o.state.values()]
+    saved = step._save()
+    rng = torch.get_rng_state()
+    torch.rand(5)
+    step._step(9)
+    step._step(9)
+    assert not all(torch.equal(v, before_params[k]) for k, v in model.state_dict().items())
+    step._restore(saved)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_params[k]), k
+    after = [st for o in opt.opts for st in o.state.values()]
+    for a, b in zip(after, before_state):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_run_with_the_captured_step_is_the_run_without(tmp_path, monkeypatch):
+    """The whole run through CapturedStep (without capture: monkeypatched past the CUDA check) writes the
+    same history as the plain run, bit for bit, and records the option."""
+    cfg = T.TrainConfig(out=str(tmp_path / "plain"), **{**TINY, "drop_last": False, "penalty_warmup": 1.0})
+    plain = T.run(cfg, progress=False, log=lambda *a: None)
+    monkeypatch.setattr(graphs, "unsupported", lambda *a, **k: None)
+    made = []
+    real = graphs.CapturedStep
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(graphs, "CapturedStep", spy)
+    graphed = T.run(dataclasses.replace(cfg, out=str(tmp_path / "graphed")), progress=False, log=lambda *a: None,
+                    cuda_graphs=True)
+    assert len(made) == 1 and made[0].capture is False and made[0].replays == 10 and made[0].eager_steps == 2
+    assert graphed["sessions"][-1]["cuda_graphs"] is True and plain["sessions"][-1]["cuda_graphs"] is False
+    for a, b in zip(plain["history"], graphed["history"]):
+        for part in ("train", "dev", "test"):
+            assert a[part] == b[part], (a["epoch"], part)
+
+
+def test_what_cannot_be_captured_is_refused_with_the_reason(tmp_path):
+    cfg = T.TrainConfig(out=str(tmp_path / "run"), **TINY)
+    gpu = torch.device("cuda")
+    assert graphs.unsupported(cfg, gpu) is None
+    for why, args, kwargs in (("need a CUDA device", (cfg, CPU), {}),
+                              ("under torchrun", (cfg, gpu), dict(world_size=2)),
+                              ("amp fp16", (dataclasses.replace(cfg, amp="fp16"), gpu), {}),
+                              ("dropout='torch'", (dataclasses.replace(cfg, dropout="torch"), gpu), {}),
+                              ("--compile", (cfg, gpu), dict(compile=True))):
+        assert why in graphs.unsupported(*args, **kwargs)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        T.run(cfg, progress=False, log=lambda *a: None, cuda_graphs=True)
+    assert not (tmp_path / "run").exists()  # refused before the first write
+    _, _, model, opt = _setup(tmp_path)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        graphs.CapturedStep(model, opt, cfg, CPU, capture=True)
+    with pytest.raises(ValueError, match="warmup must be an int >= 1"):
+        graphs.CapturedStep(model, opt, cfg, CPU, capture=False, warmup=0)
+    with pytest.raises(ValueError, match="capturable optimizers need a CUDA device"):
+        T.Optimizers(model, cfg, CPU, capturable=True)
+    r = subprocess.run([sys.executable, "-m", "mim_fast", "train", "--device", "cpu", "--cuda-graphs", "--epochs", "1",
+                        "--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    assert r.returncode == 2 and "error: CUDA graphs need a CUDA device; the run is on cpu" in r.stderr, r.stderr
+    assert not (tmp_path / "cli").exists()
