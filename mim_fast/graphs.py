@@ -24,7 +24,8 @@ device-side bias correction may round differently from the default Adam's host-s
 
 Refused, with the reason (:func:`unsupported`): a device other than CUDA, several processes (the step's
 all_reduce is not captured), fp16 autocast (GradScaler reads its inf check on the host), ``dropout="torch"``
-(torch's generator, not keyed by sample: a replay would not follow the eager run) and ``--compile``.
+(torch's generator, not keyed by sample: a replay would not follow the eager run), ``--compile`` and a
+Hugging Face BERT text encoder (not checked for capture).
 
 ``capture=False`` runs the same static-buffer step without a graph, on any device: the test of everything
 up to the capture boundary that a CPU can run (tests/test_graphs.py). The GPU tests
@@ -55,7 +56,16 @@ def unsupported(config: TrainConfig, device: torch.device, *, world_size: int = 
                 "(dropout='keyed', the default)" % config.dropout)
     if compile:
         return "--cuda-graphs and --compile are not combined (torch.compile's own graphs: mode='reduce-overhead')"
+    if config.bert_path:
+        return ("a Hugging Face BERT text encoder (--bert) is not checked for capture (its attention-mask handling "
+                "may read device values on the host)")
     return None
+
+
+def _check_capturable(opt: Optimizers) -> None:
+    for o in opt.opts:
+        if not all(g.get("capturable") or False for g in o.param_groups):
+            raise ValueError("CapturedStep needs Optimizers(..., capturable=True) on CUDA")
 
 
 class CapturedStep:
@@ -77,9 +87,7 @@ class CapturedStep:
             reason = unsupported(config, device)
             if reason:
                 raise ValueError(reason)
-            for o in opt.opts:
-                if not all(g.get("capturable") or False for g in o.param_groups):
-                    raise ValueError("CapturedStep needs Optimizers(..., capturable=True) on CUDA")
+            _check_capturable(opt)
         if any(not isinstance(o, torch.optim.Adam) for o in opt.opts):
             raise TypeError("CapturedStep restores Adam's state after the warm-up steps; got %s"
                             % ", ".join(type(o).__name__ for o in opt.opts))
@@ -91,7 +99,11 @@ class CapturedStep:
         self.graph = None
         self.seed: Optional[int] = None
         self.outputs: Optional[torch.Tensor] = None
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # One side stream for every warm-up and capture. cuBLAS keeps a workspace per (handle, stream),
+        # allocated on first use and never freed: warming up on the stream that then captures creates them
+        # outside the graph's pool (a workspace made during capture would pin the pool after the graph is
+        # gone), and one stream keeps them from multiplying epoch after epoch.
+        self.stream = torch.cuda.Stream(device) if self.capture else None
         self.captures = self.replays = self.eager_steps = 0
 
     # -- the step ---------------------------------------------------------------------------------------------
@@ -105,9 +117,10 @@ class CapturedStep:
         if not self.capture:
             logged = self._step(noise_seed)
         else:
-            if self.graph is None or noise_seed != self.seed:
-                self._capture(noise_seed)
-            self.graph.replay()
+            with torch.cuda.device(self.device):  # capture and replay on the run's GPU, not the current one
+                if self.graph is None or noise_seed != self.seed:
+                    self._capture(noise_seed)
+                self.graph.replay()
             logged = self.outputs
         self.replays += 1
         # A copy: the graph's outputs are overwritten by the next replay, and callers keep the losses.
@@ -151,18 +164,17 @@ class CapturedStep:
 
     # -- capture ----------------------------------------------------------------------------------------------
     def _capture(self, noise_seed: int) -> None:
-        self.graph = self.outputs = None  # the previous epoch's graph goes first: its memory returns to the pool
+        self.graph = self.outputs = None  # the previous epoch's graph goes first (its own memory pool with it)
         saved = self._save()
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
             for _ in range(self.warmup):
                 self._step(noise_seed)
-        current.wait_stream(side)
+        current.wait_stream(self.stream)
         self._restore(saved)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, stream=self.stream):  # a private memory pool per capture
             self.outputs = self._step(noise_seed)
         self.graph, self.seed = graph, noise_seed
         self.captures += 1

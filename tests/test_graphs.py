@@ -171,7 +171,8 @@ def test_what_cannot_be_captured_is_refused_with_the_reason(tmp_path):
                               ("under torchrun", (cfg, gpu), dict(world_size=2)),
                               ("amp fp16", (dataclasses.replace(cfg, amp="fp16"), gpu), {}),
                               ("dropout='torch'", (dataclasses.replace(cfg, dropout="torch"), gpu), {}),
-                              ("--compile", (cfg, gpu), dict(compile=True))):
+                              ("--compile", (cfg, gpu), dict(compile=True)),
+                              ("BERT", (dataclasses.replace(cfg, bert_path=str(tmp_path)), gpu), {})):
         assert why in graphs.unsupported(*args, **kwargs)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         T.run(cfg, progress=False, log=lambda *a: None, cuda_graphs=True)
@@ -187,3 +188,66 @@ def test_what_cannot_be_captured_is_refused_with_the_reason(tmp_path):
                         "--out", str(tmp_path / "cli")], capture_output=True, text=True)
     assert r.returncode == 2 and "error: CUDA graphs need a CUDA device; the run is on cpu" in r.stderr, r.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_capture_branch_with_stand_ins_for_the_cuda_runtime(tmp_path, monkeypatch):
+    """The CUDA-only branch of CapturedStep — warm-up on its side stream, undo, capture, replay, a new
+    capture per epoch, the device guard — run on the CPU with torch.cuda's stream and graph API replaced by
+    stand-ins. Each stand-in checks its arguments against the real signature. A capture executes nothing
+    (the stand-in undoes what the captured code did, as a real capture never runs it); a replay reruns the
+    step on the static buffers into the captured outputs. The trajectory must be train_step's, bit for bit."""
+    import contextlib
+    import inspect
+
+    cfg, data, model, opt = _setup(tmp_path, drop_last=False)
+    twin, twin_opt = _twin(model, cfg)
+    monkeypatch.setattr(graphs, "unsupported", lambda *a, **k: None)
+    monkeypatch.setattr(graphs, "_check_capturable", lambda opt: None)
+    log, holder = [], {}
+
+    def checked(real, stand_in):
+        def call(*a, **k):
+            inspect.signature(real).bind(*a, **k)
+            return stand_in(*a, **k)
+        return call
+
+    class Stream:
+        def wait_stream(self, other):
+            log.append("wait")
+
+    class Graph:
+        def replay(self):
+            step = holder["step"]
+            log.append("replay")
+            step.outputs.copy_(step._step(step.seed))
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        assert isinstance(g, Graph) and stream is holder["step"].stream
+        saved = holder["step"]._save()
+        log.append("capture")
+        yield
+        holder["step"]._restore(saved)
+
+    cuda = torch.cuda
+    for name, stand_in in (("Stream", lambda device=None, priority=0: Stream()),
+                           ("current_stream", lambda device=None: Stream()),
+                           ("stream", lambda stream: contextlib.nullcontext()),
+                           ("device", lambda device: contextlib.nullcontext()),
+                           ("graph", graph)):
+        monkeypatch.setattr(cuda, name, checked(getattr(cuda, name), stand_in))
+    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
+    step = holder["step"] = graphs.CapturedStep(twin, twin_opt, cfg, CPU, capture=True, warmup=2)
+    for epoch in (1, 2):
+        seed = T._epoch_seed(0, epoch, 1)
+        epoch_batches = list(T.batches(data.train, 16, shuffle=True, device=CPU, seed=epoch))
+        for i, batch in enumerate(epoch_batches):
+            want = T.train_step(model, opt, batch, cfg, seed, CPU)
+            got = step(batch, seed)
+            for k in T.LOGGED:
+                assert torch.equal(got[k], want[k]), (epoch, i, k)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (step.captures, step.replays, step.eager_steps) == (2, 10, 2)
+    per_epoch = ["wait", "wait", "capture"] + ["replay"] * 5
+    assert log == per_epoch * 2, log
