@@ -161,6 +161,10 @@ def test_run_with_the_captured_step_is_the_run_without(tmp_path, monkeypatch):
     for a, b in zip(plain["history"], graphed["history"]):
         for part in ("train", "dev", "test"):
             assert a[part] == b[part], (a["epoch"], part)
+    resumed = T.resume(str(tmp_path / "graphed"), {"epochs": 3}, progress=False, log=lambda *a: None,
+                       cuda_graphs=True)
+    assert [s["cuda_graphs"] for s in resumed["sessions"]] == [True, True] and len(made) == 2
+    assert made[1].replays == 5 and resumed["epochs_done"] == 3
 
 
 def test_what_cannot_be_captured_is_refused_with_the_reason(tmp_path):
