@@ -15,6 +15,8 @@ import torch
 import mim_fast
 from mim_fast.ops import _backends
 
+from _params import assert_param_close
+
 pytestmark = pytest.mark.cuda
 BACKENDS = ["cuda", "triton"]
 
@@ -174,6 +176,7 @@ def test_captured_training_step_follows_the_eager_step(tmp_path, adam):
     twin.load_state_dict(model.state_dict())
     opt = T.Optimizers(model, cfg, dev, capturable=True)
     step = graphs.CapturedStep(twin, T.Optimizers(twin, cfg, dev, capturable=True), cfg, dev)
+    steps = 0
     for epoch in (1, 2):
         seed = T._epoch_seed(0, epoch, 1)
         epoch_batches = list(T.batches(data.train, 16, shuffle=True, device=dev, seed=epoch))
@@ -181,12 +184,15 @@ def test_captured_training_step_follows_the_eager_step(tmp_path, adam):
             ramp = T.penalty_ramp(cfg, epoch, i, len(epoch_batches))
             want = T.train_step(model, opt, batch, cfg, seed, dev, ramp)
             got = step(batch, seed, ramp)
+            steps += 1
             for k in T.LOGGED:
-                torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: "%d/%d %s: %s" % (
+                torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=lambda m: "%d/%d %s: %s" % (
                     epoch, i, k, m))
     assert (step.captures, step.replays, step.eager_steps) == (2, 10, 2)
+    # the key biases' exact gradient is 0: should a library pick another algorithm under capture, their
+    # rounding noise becomes Adam steps of up to lr (tests/_params.py)
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: "%s: %s" % (name, m))
+        assert_param_close(name, a, b, key_bias_bound=steps * cfg.lr)
 
 
 def test_run_with_cuda_graphs_matches_the_eager_run(tmp_path):
