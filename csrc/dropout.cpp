@@ -19,6 +19,10 @@
 #include "cpu_isa.h"
 #include "mim_math.h"
 
+#if MIM_ISA_DISPATCH
+#include <immintrin.h>
+#endif
+
 #if MIM_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -70,13 +74,87 @@ struct DropoutRows {
 };
 
 constexpr int64_t kDropoutChunk = 256;  // elements; a multiple of 4
+constexpr int64_t kBlockGroup = 8;      // blocks drawn per group (the AVX2 path draws 8 side by side)
+// n ≤ kDropoutChunk elements span at most kDropoutChunk/4 + 1 blocks, rounded up to whole groups
+constexpr int64_t kWords = 4 * ((kDropoutChunk / 4 + 1 + kBlockGroup - 1) / kBlockGroup) * kBlockGroup;
+
+// words[4·k + q] = the uniform of word q of Philox block c + k, k < nblocks: one block at a time (the
+// baseline ISA; the compiler leaves Philox's 32×32→64 multiplies scalar, ~10 cycles an element).
+MIM_ALWAYS_INLINE void draw_blocks_scalar(uint64_t c, int64_t nblocks, uint32_t k0, uint32_t k1, float* words) {
+  for (int64_t k = 0; k < nblocks; ++k) {
+    const uint64_t n = c + static_cast<uint64_t>(k);
+    const math::Philox4 w = math::philox4x32_10(static_cast<uint32_t>(n), static_cast<uint32_t>(n >> 32), 0u, 0u,
+                                                k0, k1);
+    for (int q = 0; q < 4; ++q) words[4 * k + q] = math::uint32_to_uniform(w.x[q]);
+  }
+}
+
+#if MIM_ISA_DISPATCH
+// The same words, 8 blocks side by side in AVX2 registers (whole groups of 8: up to 7 blocks past
+// nblocks are drawn into the buffer and not used). Bit for bit math::philox4x32_10 and
+// math::uint32_to_uniform: integer operations are exact; mulhi32 is the high half of _mm256_mul_epu32's
+// 64-bit products; ~x for negative x is x ^ (x >> 31); the int32 → float conversion rounds to nearest (as
+// the scalar cast does) and the scale is the same float multiply. Not inlined: a target("avx2") function
+// cannot be inlined into the baseline template it is called from; one call draws a whole chunk.
+// mulhi32 of 8 lanes (b: the same value in every lane)
+__attribute__((target("avx2"), always_inline)) inline __m256i mulhi_avx2(__m256i a, __m256i b, __m256i hi_mask) {
+  const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, b), 32);  // lanes 0, 2, 4, 6: high halves, moved low
+  const __m256i odd = _mm256_and_si256(_mm256_mul_epu32(_mm256_srli_epi64(a, 32), b), hi_mask);  // 1, 3, 5, 7
+  return _mm256_or_si256(even, odd);
+}
+
+// uint32_to_uniform of 8 lanes
+__attribute__((target("avx2"), always_inline)) inline __m256 uniform_avx2(__m256 scale, __m256i w) {
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_xor_si256(w, _mm256_srai_epi32(w, 31))), scale);
+}
+
+__attribute__((target("avx2"))) void draw_blocks_avx2(uint64_t c, int64_t nblocks, uint32_t k0, uint32_t k1,
+                                                      float* words) {
+  const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+  const __m256i four = _mm256_set1_epi64x(4);
+  const __m256i ra = _mm256_set1_epi32(static_cast<int>(math::kPhiloxRoundA));
+  const __m256i rb = _mm256_set1_epi32(static_cast<int>(math::kPhiloxRoundB));
+  const __m256i hi_mask = _mm256_set1_epi64x(static_cast<int64_t>(0xFFFFFFFF00000000ull));
+  const __m256 scale = _mm256_set1_ps(0x1.fffffep-32f);
+  for (int64_t k = 0; k < nblocks; k += kBlockGroup) {
+    // the 8 counters c + k + l as 64-bit lanes, split into 32-bit words: lo in c0, hi in c1
+    const __m256i base = _mm256_set1_epi64x(static_cast<int64_t>(c + static_cast<uint64_t>(k)));
+    const __m256i n03 = _mm256_add_epi64(base, lane), n47 = _mm256_add_epi64(n03, four);
+    const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256i p03 = _mm256_permutevar8x32_epi32(n03, idx), p47 = _mm256_permutevar8x32_epi32(n47, idx);
+    __m256i c0 = _mm256_permute2x128_si256(p03, p47, 0x20);  // low words of counters 0..7
+    __m256i c1 = _mm256_permute2x128_si256(p03, p47, 0x31);  // high words
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < math::kPhiloxRounds; ++r) {
+      const __m256i a0 = c0, a2 = c2;
+      c0 = _mm256_xor_si256(_mm256_xor_si256(mulhi_avx2(a2, rb, hi_mask), c1), _mm256_set1_epi32(static_cast<int>(ka)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(mulhi_avx2(a0, ra, hi_mask), c3), _mm256_set1_epi32(static_cast<int>(kb)));
+      c1 = _mm256_mullo_epi32(a2, rb);
+      c3 = _mm256_mullo_epi32(a0, ra);
+      ka += math::kPhiloxKeyA;
+      kb += math::kPhiloxKeyB;
+    }
+    // transpose (word q of block l) to words[4·l + q]
+    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+    const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);  // blocks 0|4, 1|5
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);  // blocks 2|6, 3|7
+    float* out = words + 4 * k;
+    _mm256_store_ps(out, uniform_avx2(scale, _mm256_permute2x128_si256(u0, u1, 0x20)));       // blocks 0, 1
+    _mm256_store_ps(out + 8, uniform_avx2(scale, _mm256_permute2x128_si256(u2, u3, 0x20)));   // blocks 2, 3
+    _mm256_store_ps(out + 16, uniform_avx2(scale, _mm256_permute2x128_si256(u0, u1, 0x31)));  // blocks 4, 5
+    _mm256_store_ps(out + 24, uniform_avx2(scale, _mm256_permute2x128_si256(u2, u3, 0x31)));  // blocks 6, 7
+  }
+}
+#endif
 
 // Rows r = o·B + b of `inner` contiguous elements each. A chunk's elements j0 … j0 + n − 1 (sample-local)
 // take the words of blocks ⌊j0/4⌋ … ⌊(j0 + n − 1)/4⌋: those blocks are drawn into a buffer first, four
-// words each in order (Philox vectorizes over the blocks), then applied.
-template <typename scalar_t, typename acc_t>
+// words each in order, then applied. kVector: draw them with AVX2 (the avx2 and avx512 variants).
+template <typename scalar_t, typename acc_t, bool kVector>
 MIM_ALWAYS_INLINE void dropout_rows_body(const DropoutRows<scalar_t>& a, int64_t r0, int64_t r1) {
-  alignas(64) float words[kDropoutChunk + 8];
+  alignas(64) float words[kWords];
   const acc_t m = static_cast<acc_t>(a.m);
   const uint32_t k0 = static_cast<uint32_t>(a.key), k1 = static_cast<uint32_t>(a.key >> 32);
   for (int64_t r = r0; r < r1; ++r) {
@@ -88,12 +166,15 @@ MIM_ALWAYS_INLINE void dropout_rows_body(const DropoutRows<scalar_t>& a, int64_t
       const int64_t n = std::min(kDropoutChunk, a.s.inner - i0);
       const int64_t j0 = o * a.s.inner + i0;
       const int64_t first = j0 / 4, nblocks = (j0 + n - 1) / 4 - first + 1;
-      for (int64_t k = 0; k < nblocks; ++k) {
-        const uint64_t c = base + static_cast<uint64_t>(first + k);
-        const math::Philox4 w = math::philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, 0u,
-                                                    k0, k1);
-        for (int q = 0; q < 4; ++q) words[4 * k + q] = math::uint32_to_uniform(w.x[q]);
+#if MIM_ISA_DISPATCH
+      if constexpr (kVector) {
+        draw_blocks_avx2(base + static_cast<uint64_t>(first), nblocks, k0, k1, words);
+      } else {
+        draw_blocks_scalar(base + static_cast<uint64_t>(first), nblocks, k0, k1, words);
       }
+#else
+      draw_blocks_scalar(base + static_cast<uint64_t>(first), nblocks, k0, k1, words);
+#endif
       const float* __restrict__ u = words + (j0 - 4 * first);
       for (int64_t i = 0; i < n; ++i)
         dst[i0 + i] = static_cast<scalar_t>(static_cast<acc_t>(src[i0 + i]) * (u[i] >= a.p ? m : acc_t(0)));
@@ -101,8 +182,26 @@ MIM_ALWAYS_INLINE void dropout_rows_body(const DropoutRows<scalar_t>& a, int64_t
   }
 }
 
-MIM_ISA_VARIANTS((typename scalar_t, typename acc_t), (scalar_t, acc_t), dropout_rows,
-                 (const DropoutRows<scalar_t>& a, int64_t r0, int64_t r1), (a, r0, r1))
+// The variants per ISA (as MIM_ISA_VARIANTS makes them, with the AVX2 Philox in the wider two).
+template <typename scalar_t, typename acc_t>
+void dropout_rows_default(const DropoutRows<scalar_t>& a, int64_t r0, int64_t r1) {
+  dropout_rows_body<scalar_t, acc_t, false>(a, r0, r1);
+}
+#if MIM_ISA_DISPATCH
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2"))) void dropout_rows_avx2(const DropoutRows<scalar_t>& a, int64_t r0, int64_t r1) {
+  dropout_rows_body<scalar_t, acc_t, true>(a, r0, r1);
+}
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx512f"))) void dropout_rows_avx512(const DropoutRows<scalar_t>& a, int64_t r0, int64_t r1) {
+  dropout_rows_body<scalar_t, acc_t, true>(a, r0, r1);
+}
+#endif
+template <typename scalar_t, typename acc_t>
+void dropout_rows(Isa isa, const DropoutRows<scalar_t>& a, int64_t r0, int64_t r1) {
+  MIM_ISA_SWITCH((scalar_t, acc_t), dropout_rows, (a, r0, r1))
+  dropout_rows_default<scalar_t, acc_t>(a, r0, r1);
+}
 
 at::Tensor dropout_apply_cpu(const at::Tensor& x, const at::Tensor& index, int64_t key, double p, int64_t batch_dim) {
   const DropoutShape s = check_dropout_args(x, index, key, p, batch_dim);

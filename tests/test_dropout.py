@@ -61,6 +61,45 @@ def test_bit_identical_on_every_backend(dtype):
         assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), backend
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="no _C")
+@pytest.mark.parametrize("isa", ["default", "widest"])
+def test_cpu_kernel_is_bit_identical_across_isas_and_long_counters(isa):
+    """The CPU kernel draws Philox one block at a time (baseline ISA) or 8 blocks side by side (AVX2 and
+    AVX-512 builds): both give the reference's bits, including rows of several 256-element chunks, groups
+    of 8 blocks that straddle a row's end, and counters whose low 32-bit word wraps inside a group (the
+    samples' indices put index·⌈S/4⌉ across 2^32 and 2^33)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, mim_fast\n"
+            "res = []\n"
+            "for shape, bd, first in (((3, 5, 1031), 1, 5549051), ((2, 9, 77), 0, 2**40 - 3), ((700, 3), 1, 49085339)):\n"
+            "    g = torch.Generator().manual_seed(sum(shape))\n"
+            "    x = torch.randn(shape, generator=g)\n"
+            "    B = shape[bd]\n"
+            "    index = first + torch.arange(B)\n"
+            "    for p in (0.3, 0.9):\n"
+            "        res.append(mim_fast.dropout(x, p, seed=2**61 + 17, index=index, batch_dim=bd, backend=BACKEND))\n"
+            "torch.save(res, sys.argv[1])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mim_fast.__file__)))
+    path = "/tmp/mim_fast_dropout_isa_%s_%d.pt" % (isa, os.getpid())
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    if isa == "default":
+        env["MIM_FAST_CPU_ISA"] = "default"
+    res = subprocess.run([sys.executable, "-c", code.replace("BACKEND", "'cpu'"), path], capture_output=True,
+                         text=True, env=env, timeout=300, cwd=root)
+    assert res.returncode == 0, res.stderr
+    got = torch.load(path)
+    os.remove(path)
+    scope = {}
+    exec(code.replace("BACKEND", "'torch'").replace("torch.save(res, sys.argv[1])", "want = res"), scope)
+    assert len(got) == len(scope["want"]) == 6
+    for a, b in zip(got, scope["want"]):
+        assert torch.equal(a, b)
+        assert 0 < int((a == 0).sum()) < a.numel()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 def test_cuda_masks_are_the_cpu_masks(backend):
