@@ -6,7 +6,9 @@
 // direction runs Python. The math is unchanged: forward and backward call the same ops through the
 // dispatcher (below autograd), so torch.compile, export and opcheck see the same custom ops, with the
 // fakes registered in mim_fast/ops/. The Triton ops and kgs_loss_heads_forward keep their Python autograd
-// (mim_fast/ops/*.py), which mirrors the logic here line for line.
+// (mim_fast/ops/*.py), which mirrors the logic here line for line. dropout_apply (the fused dropout kernel)
+// is called directly by mim_fast.dropout's eager common call; compiled and exported graphs use the
+// Python op mim_fast::dropout around it.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -171,7 +173,43 @@ KgsOut kgs_loss_forward_autograd(const Tensor& yk, const Tensor& yu, const Tenso
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------
+// dropout_apply: y = x·m(key, index); the backward is the same op applied to the gradient (the mask is
+// regenerated from the saved index and key: nothing x-sized is saved). The eager common call of
+// mim_fast.dropout comes here; torch.compile and export go through the Python op mim_fast::dropout.
+// ---------------------------------------------------------------------------------------------------
+using DropoutOp = Tensor(const Tensor&, const Tensor&, int64_t, double, int64_t);
+
+class DropoutApply : public torch::autograd::Function<DropoutApply> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& index, int64_t key, double p,
+                        int64_t batch_dim) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mim_fast::dropout_apply", "").typed<DropoutOp>();
+    ctx->save_for_backward({index});
+    ctx->saved_data["key"] = key;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["batch_dim"] = batch_dim;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, index, key, p, batch_dim);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mim_fast::dropout_apply", "").typed<DropoutOp>();
+    variable_list out(5);
+    if (!ctx->needs_input_grad(0) || !grads[0].defined()) return out;
+    // through autograd again: the backward of this linear map is differentiable (double backward)
+    out[0] = op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["key"].toInt(),
+                     ctx->saved_data["p"].toDouble(), ctx->saved_data["batch_dim"].toInt());
+    return out;
+  }
+};
+
+Tensor dropout_apply_autograd(const Tensor& x, const Tensor& index, int64_t key, double p, int64_t batch_dim) {
+  return DropoutApply::apply(x, index, key, p, batch_dim);
+}
+
 TORCH_LIBRARY_IMPL(mim_fast, Autograd, m) {
+  m.impl("dropout_apply", &dropout_apply_autograd);
   m.impl("purify_gate_forward", &purify_gate_forward_autograd);
   m.impl("kgs_loss_forward", &kgs_loss_forward_autograd);
 }

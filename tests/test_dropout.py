@@ -260,3 +260,100 @@ def test_transformer_encoder_computes_what_torchs_computes():
     ours.train()
     y = ours(x, pad, seed=5, index=torch.arange(4))
     assert not torch.allclose(y, ours.eval()(x, pad))  # training mode drops
+
+
+def _dropout_calls():
+    """Calls of mim_fast.dropout, the common ones (what a training step makes) and odd ones: other dtypes,
+    strided and batch_first views, index dtypes, out-of-range indices, p at the edges, bad arguments."""
+    x = torch.randn(5, 4, 7)
+    idx = torch.randperm(40)[:4]
+    big = torch.tensor([0, 1, 2, 2**63 // 9 - 1])  # the largest valid index for S = 35 elements (9 blocks)
+    calls = []
+    for bd, t, i in ((1, x, idx), (0, x.transpose(0, 1), idx), (-2, x, idx), (1, x[:, :, ::2], idx),
+                     (2, x.transpose(1, 2), idx), (1, x, big), (1, x, big + torch.tensor([0, 0, 0, 1])),
+                     (1, x, idx - 5), (1, x, idx.int()), (1, x, idx.double()), (1, x, idx[:3]),
+                     (1, x, idx[None]), (5, x, idx), (1.0, x, idx), (True, x, idx)):
+        calls.append(dict(x=t, p=0.3, seed=random.randrange(2**63), index=i, batch_dim=bd, stream=3))
+    for p in (0.0, 1.0, 1, 0.5, -0.1, 1.5, float("nan"), "0.3", 0.999999):
+        calls.append(dict(x=x, p=p, seed=7, index=idx, batch_dim=1))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.int64):
+        calls.append(dict(x=x.to(dtype), p=0.3, seed=7, index=idx, batch_dim=1))
+    for kw in (dict(seed=-1), dict(seed=2**63), dict(seed=2**63 - 1), dict(seed=3.0), dict(stream=-2),
+               dict(stream=2**63 - 1), dict(training=False), dict(training=1), dict(backend="cpu"),
+               dict(backend="torch"), dict(backend="cuda"), dict(backend="nope"), dict(index=None)):
+        calls.append(dict(dict(x=x, p=0.3, seed=11, index=idx, batch_dim=1), **kw))
+    calls.append(dict(x=torch.randn(3, 0, 2), p=0.3, seed=1, index=torch.arange(0), batch_dim=1))
+    calls.append(dict(x=torch.randn(3, 2, 0), p=0.3, seed=1, index=torch.arange(2), batch_dim=1))
+    return calls
+
+
+def _dropout_outcome(kw):
+    """(output, ∂L/∂x) of one call, or (error type, message)."""
+    torch.manual_seed(0)  # a drawn seed (seed=None) is the same in both runs
+    kw = dict(kw)
+    x = kw.pop("x")
+    if x.dtype.is_floating_point:
+        x = x.detach().clone().requires_grad_()
+    try:
+        y = mim_fast.dropout(x, **kw)
+        g = None
+        if x.requires_grad and y.requires_grad:
+            (y.double() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            g = x.grad
+        return (y.detach(), g)
+    except Exception as e:  # noqa: BLE001 — compared between the two paths
+        return (type(e), str(e))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="no _C")
+def test_common_call_agrees_with_full_path(monkeypatch):
+    """The fast path for the common call (ops/dropout.py::_common_call) accepts only what the full path
+    accepts and returns what it returns: outputs and gradients bit for bit, the same error otherwise."""
+    import importlib
+
+    module = importlib.import_module("mim_fast.ops.dropout")
+    calls = _dropout_calls()
+    fast = [_dropout_outcome(kw) for kw in calls]
+    monkeypatch.setattr(module, "_common_call", lambda *a: None)
+    for kw, got in zip(calls, fast):
+        want = _dropout_outcome(kw)
+        what = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        assert type(got[0]) is type(want[0]), (what, got, want)
+        if isinstance(want[0], type):
+            assert got == want, what
+        else:
+            for a, b in zip(got, want):
+                assert (a is None) == (b is None), what
+                if a is not None:
+                    assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), what
+                    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), what
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="no _C")
+def test_common_call_serves_the_training_step():
+    """MIM's dropout sites take the fast path (a regression costs ~100 µs a call, 52 calls a step), and its
+    graph node is C++ (no Python forward or back); a double backward works through it."""
+    import importlib
+
+    module = importlib.import_module("mim_fast.ops.dropout")
+    for shape, bd in (((50, 16, 80), 1), ((16, 5, 50, 50), 0)):
+        x = torch.randn(shape, requires_grad=True)
+        index = torch.randperm(1000)[:shape[bd]]
+        y = module._common_call(x, 0.3, 123, index, bd, 4, True, "auto")
+        assert y is not None and "CppNode<mim_fast::" in y.grad_fn.name()
+        site = Dropout(0.3, batch_dim=bd).train()
+        assert torch.equal(site(x, 123, index), mim_fast.dropout(x, 0.3, seed=123, index=index, batch_dim=bd))
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    keep = (y != 0).to(x.dtype) / 0.7
+    torch.testing.assert_close(gg, 2 * keep * keep)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="no _C")
+def test_index_range_check_matches_min_max():
+    from mim_fast import _ext
+
+    for t in (torch.tensor([0, 5, 9]), torch.tensor([-1, 5]), torch.tensor([3, 10]), torch.arange(0),
+              torch.tensor([2**63 - 1]), torch.tensor([0, 4, 8, 12])[::2]):
+        want = t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) <= 9)
+        assert _ext.C.int64_in_range(t, 9) == want, t

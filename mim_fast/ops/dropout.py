@@ -6,11 +6,12 @@ training independent of the number of processes (each rank drops exactly what a 
 for its samples), and lets the backward regenerate the mask instead of storing it (as flash-attention
 replays its dropout from a saved seed and offset).
 """
+import functools
 from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import _ext, reference
 from . import _backends, _checks
 
 __all__ = ["dropout", "dropout_key"]
@@ -66,8 +67,14 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, seed: Optional[int] = None, inde
 
     Cost: one fused pass — x read once, y written once, the uniforms drawn where they are used (C++ on
     CPU, CUDA, Triton); the same in the backward. ``backend="torch"`` runs the composed reference instead
-    (counters, uniforms and the mask materialized), which gives the same bits.
+    (counters, uniforms and the mask materialized), which gives the same bits. Host cost of the common
+    call (a plain CPU/CUDA tensor, an explicit seed, int64 indices; eager): ~10 µs, with a C++ graph node
+    (``_common_call``); anything else takes the checked path through the Python op (~100 µs on a 2-core VM).
     """
+    if not torch.compiler.is_compiling():
+        y = _common_call(x, p, seed, index, batch_dim, stream, training, backend)
+        if y is not None:
+            return y
     _checks.float_tensor("x", x)
     p = _checks.real("p", p, ge=0.0)
     if p > 1.0:
@@ -118,6 +125,52 @@ def _scaled_mask(shape, dtype, device, index, seed, stream, p, batch_dim) -> tor
     scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
     m = (u >= p).to(dtype) * scale
     return m.reshape([B] + moved).movedim(0, batch_dim)
+
+
+_Tensor = torch.Tensor
+_FLOATS = frozenset(_checks.FLOAT_DTYPES)
+_MAX_KEY = 2**63
+
+
+@functools.lru_cache(maxsize=4096)
+def _key(seed: int, stream: int) -> int:
+    return dropout_key(seed, stream)  # a training step asks for the same few (seed, stream) pairs all epoch
+
+
+def _common_call(x, p, seed, index, batch_dim, stream, training, backend) -> Optional[torch.Tensor]:
+    """The call a training step makes (a plain CPU or CUDA tensor, 0 < p < 1, an explicit seed, int64
+    sample indices on x's device, the fused kernel of x's device), in a few µs (eager only), or None: the
+    full path then decides, and raises where it must.
+
+    At MIM's size the full path cost ~100 µs of Python per call (argument checks, the index range read
+    back with min/max, the Python custom op) against a kernel of a few µs, and a training step makes 26
+    such calls forward and 26 backward. Here the kernel's op is called directly: its autograd is C++
+    (csrc/autograd.cpp, the backward the same op on the gradient), and the index range is checked in one
+    C++ pass. torch.compile and export take the full path (the Python op, whose int seed is a SymInt).
+    tests/test_dropout.py::test_common_call_* checks that both paths agree."""
+    if (type(x) is not _Tensor or type(index) is not _Tensor or type(p) is not float or type(seed) is not int
+            or type(stream) is not int or type(batch_dim) is not int or training is not True
+            or type(backend) is not str):
+        return None
+    if not (0.0 < p < 1.0 and 0 <= seed < _MAX_KEY and 0 <= stream < _MAX_KEY):
+        return None
+    device = x.device
+    dev = device.type
+    if (dev not in ("cpu", "cuda") or (backend != "auto" and backend != dev) or x.dtype not in _FLOATS
+            or (dev == "cuda" and x.dtype == torch.float64)):
+        return None
+    ndim = x.dim()
+    if not -ndim <= batch_dim < ndim:
+        return None
+    batch_dim %= ndim
+    B, n = x.shape[batch_dim], x.numel()
+    if B < 1 or n == 0 or index.dtype != torch.int64 or index.shape != (B,) or index.device != device:
+        return None
+    if _backends.select_cached("philox_uniform", dev, dev, (torch.float32,)) is None:
+        return None
+    if dev == "cpu" and not _ext.C.int64_in_range(index, _MAX_KEY // _blocks_per_sample(n // B) - 1):
+        return None
+    return torch.ops.mim_fast.dropout_apply(x, index, _key(seed, stream), p, batch_dim)
 
 
 # The op is a torch.library custom op so that autograd saves only ``index`` (the backward is the same op
@@ -186,3 +239,9 @@ def _backward(ctx, grad):
 
 
 _dropout_op.register_autograd(_backward, setup_context=_setup_context)
+
+if _ext.C is not None:  # the schema lives in the extension (autograd: csrc/autograd.cpp)
+
+    @torch.library.register_fake("mim_fast::dropout_apply")
+    def _dropout_apply_fake(x, index, key, p, batch_dim):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
