@@ -17,8 +17,9 @@ from mim_fast import train as T
 from mim_fast.ops import _checks
 
 CPU = torch.device("cpu")
+# device "cpu": these are the CPU tests, also where a GPU is present (a run on "auto" would capture there)
 TINY = dict(synthetic={"n_train": 88, "n_dev": 24, "n_test": 24, "T": 7, "dims": [9, 5, 3]}, d_model=10, heads=2,
-            batch_size=16, epochs=2, lr=3e-3)
+            batch_size=16, epochs=2, lr=3e-3, device="cpu")
 
 # What capture forbids, as the dispatcher sees it: a read of a value on the host (item(), bool(), int() of a
 # tensor: _local_scalar_dense), outputs whose size depends on values (a sync), a tensor built from host data
