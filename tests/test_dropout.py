@@ -13,6 +13,8 @@ from mim_fast import reference
 from mim_fast.nn import Dropout, SequenceEncoder, TransformerEncoder, TransformerEncoderLayer, assign_streams
 from mim_fast.ops import _backends
 
+from _isa import saved_under_isa
+
 HAS_EXT = mim_fast.build_info() is not None
 HAS_TRITON = _backends.triton_import_error() is None and (_backends.triton_interpreting() or torch.cuda.is_available())
 
@@ -68,10 +70,6 @@ def test_cpu_kernel_is_bit_identical_across_isas_and_long_counters(isa):
     AVX-512 builds): both give the reference's bits, including rows of several 256-element chunks, groups
     of 8 blocks that straddle a row's end, and counters whose low 32-bit word wraps inside a group (the
     samples' indices put index·⌈S/4⌉ across 2^32 and 2^33)."""
-    import os
-    import subprocess
-    import sys
-
     code = ("import sys, torch, mim_fast\n"
             "res = []\n"
             "for shape, bd, first in (((3, 5, 1031), 1, 5549051), ((2, 9, 77), 0, 2**40 - 3), ((700, 3), 1, 49085339)):\n"
@@ -82,16 +80,7 @@ def test_cpu_kernel_is_bit_identical_across_isas_and_long_counters(isa):
             "    for p in (0.3, 0.9):\n"
             "        res.append(mim_fast.dropout(x, p, seed=2**61 + 17, index=index, batch_dim=bd, backend=BACKEND))\n"
             "torch.save(res, sys.argv[1])\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mim_fast.__file__)))
-    path = "/tmp/mim_fast_dropout_isa_%s_%d.pt" % (isa, os.getpid())
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    if isa == "default":
-        env["MIM_FAST_CPU_ISA"] = "default"
-    res = subprocess.run([sys.executable, "-c", code.replace("BACKEND", "'cpu'"), path], capture_output=True,
-                         text=True, env=env, timeout=300, cwd=root)
-    assert res.returncode == 0, res.stderr
-    got = torch.load(path)
-    os.remove(path)
+    got = saved_under_isa(code.replace("BACKEND", "'cpu'"), isa if isa == "default" else None, "dropout")
     scope = {}
     exec(code.replace("BACKEND", "'torch'").replace("torch.save(res, sys.argv[1])", "want = res"), scope)
     assert len(got) == len(scope["want"]) == 6

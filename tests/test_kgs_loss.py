@@ -3,9 +3,6 @@ the spec's gradient formulas), against the released code's batch-level rule, gra
 with the routing held fixed, the spec's properties, and argument checking."""
 import itertools
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +10,8 @@ import torch.nn.functional as F
 
 import mim_fast
 from mim_fast import KGSLossOutput, reference
+
+from _isa import saved_under_isa
 
 TERMS = ("loss", "intra", "inter", "masked", "unmasked")
 OPTIONS = list(itertools.product((True, False), (False, True), ("mean", "sum", "none")))
@@ -740,14 +739,7 @@ def test_cpu_kernel_is_bit_identical_across_isas():
             "out = mim_fast.kgs_loss(yk, yu, y, h, backend='cpu', reduction='none', kd_divide_T=True)\n"
             "out.inter.sum().backward()\n"
             "torch.save([out.loss, out.inter, out.alpha, h.grad], sys.argv[1])\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mim_fast.__file__)))
-    path = "/tmp/mim_fast_kgs_isa_default_%d.pt" % os.getpid()
-    env = dict(os.environ, MIM_FAST_CPU_ISA="default", TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=root)
-    assert res.returncode == 0, res.stderr
-    baseline = torch.load(path)
-    os.remove(path)
+    baseline = saved_under_isa(code, "default", "kgs")
     exec(code.replace("torch.save([out.loss, out.inter, out.alpha, h.grad], sys.argv[1])",
                       "here = [out.loss, out.inter, out.alpha, h.grad]"), scope := {})
     for a, b in zip(baseline, scope["here"]):

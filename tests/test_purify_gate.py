@@ -3,15 +3,14 @@ backward formulas, gradcheck in float64, the spec's properties, and argument che
 import importlib
 import itertools
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import mim_fast
 from mim_fast import reference
+
+from _isa import saved_under_isa
 
 MODES = ("sample", "expected")
 ACTIVATIONS = ("tanh", "relu", "identity")
@@ -933,14 +932,7 @@ def test_cpu_kernel_is_bit_identical_across_isas(isa):
             "    (out.pooled.square().sum() + out.penalty).backward()\n"
             "    res += [out.pooled, out.penalty, out.gate, x.grad, g.grad]\n"
             "torch.save([t.detach() for t in res], sys.argv[1])\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mim_fast.__file__)))
-    path = "/tmp/mim_fast_gate_isa_%s_%d.pt" % (isa, os.getpid())
-    env = dict(os.environ, MIM_FAST_CPU_ISA=isa, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=root)
-    assert res.returncode == 0, res.stderr
-    narrow = torch.load(path)
-    os.remove(path)
+    narrow = saved_under_isa(code, isa, "gate")
     scope = {}
     exec(code.replace("torch.save([t.detach() for t in res], sys.argv[1])", "here = [t.detach() for t in res]"), scope)
     for a, b in zip(narrow, scope["here"]):
