@@ -178,27 +178,30 @@ KgsOut kgs_loss_forward_autograd(const Tensor& yk, const Tensor& yu, const Tenso
 // regenerated from the saved index and key: nothing x-sized is saved). The eager common call of
 // mim_fast.dropout comes here; torch.compile and export go through the Python op mim_fast::dropout.
 // ---------------------------------------------------------------------------------------------------
-using DropoutOp = Tensor(const Tensor&, const Tensor&, int64_t, double, int64_t);
+const c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t, double, int64_t)>& dropout_apply_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mim_fast::dropout_apply", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, int64_t, double, int64_t)>();
+  return op;
+}
 
 class DropoutApply : public torch::autograd::Function<DropoutApply> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& index, int64_t key, double p,
                         int64_t batch_dim) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mim_fast::dropout_apply", "").typed<DropoutOp>();
     ctx->save_for_backward({index});
     ctx->saved_data["key"] = key;
     ctx->saved_data["p"] = p;
     ctx->saved_data["batch_dim"] = batch_dim;
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, index, key, p, batch_dim);
+    return dropout_apply_op().call(x, index, key, p, batch_dim);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mim_fast::dropout_apply", "").typed<DropoutOp>();
     variable_list out(5);
     if (!ctx->needs_input_grad(0) || !grads[0].defined()) return out;
     // through autograd again: the backward of this linear map is differentiable (double backward)
-    out[0] = op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["key"].toInt(),
+    out[0] = dropout_apply_op().call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["key"].toInt(),
                      ctx->saved_data["p"].toDouble(), ctx->saved_data["batch_dim"].toInt());
     return out;
   }

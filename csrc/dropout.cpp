@@ -90,12 +90,6 @@ MIM_ALWAYS_INLINE void draw_blocks_scalar(uint64_t c, int64_t nblocks, uint32_t 
 }
 
 #if MIM_ISA_DISPATCH
-// The same words, 8 blocks side by side in AVX2 registers (whole groups of 8: up to 7 blocks past
-// nblocks are drawn into the buffer and not used). Bit for bit math::philox4x32_10 and
-// math::uint32_to_uniform: integer operations are exact; mulhi32 is the high half of _mm256_mul_epu32's
-// 64-bit products; ~x for negative x is x ^ (x >> 31); the int32 → float conversion rounds to nearest (as
-// the scalar cast does) and the scale is the same float multiply. Not inlined: a target("avx2") function
-// cannot be inlined into the baseline template it is called from; one call draws a whole chunk.
 // mulhi32 of 8 lanes (b: the same value in every lane)
 __attribute__((target("avx2"), always_inline)) inline __m256i mulhi_avx2(__m256i a, __m256i b, __m256i hi_mask) {
   const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, b), 32);  // lanes 0, 2, 4, 6: high halves, moved low
@@ -108,9 +102,16 @@ __attribute__((target("avx2"), always_inline)) inline __m256 uniform_avx2(__m256
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_xor_si256(w, _mm256_srai_epi32(w, 31))), scale);
 }
 
+// The same words, 8 blocks side by side in AVX2 registers (whole groups of 8: up to 7 blocks past
+// nblocks are drawn into the buffer and not used). Bit for bit math::philox4x32_10 and
+// math::uint32_to_uniform: integer operations are exact; mulhi32 is the high half of _mm256_mul_epu32's
+// 64-bit products; ~x for negative x is x ^ (x >> 31); the int32 → float conversion rounds to nearest (as
+// the scalar cast does) and the scale is the same float multiply. Not inlined: a target("avx2") function
+// cannot be inlined into the baseline template it is called from; one call draws a whole chunk.
 __attribute__((target("avx2"))) void draw_blocks_avx2(uint64_t c, int64_t nblocks, uint32_t k0, uint32_t k1,
                                                       float* words) {
   const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+  const __m256i low_high = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // 32-bit words: low halves, then high
   const __m256i four = _mm256_set1_epi64x(4);
   const __m256i ra = _mm256_set1_epi32(static_cast<int>(math::kPhiloxRoundA));
   const __m256i rb = _mm256_set1_epi32(static_cast<int>(math::kPhiloxRoundB));
@@ -120,8 +121,7 @@ __attribute__((target("avx2"))) void draw_blocks_avx2(uint64_t c, int64_t nblock
     // the 8 counters c + k + l as 64-bit lanes, split into 32-bit words: lo in c0, hi in c1
     const __m256i base = _mm256_set1_epi64x(static_cast<int64_t>(c + static_cast<uint64_t>(k)));
     const __m256i n03 = _mm256_add_epi64(base, lane), n47 = _mm256_add_epi64(n03, four);
-    const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    const __m256i p03 = _mm256_permutevar8x32_epi32(n03, idx), p47 = _mm256_permutevar8x32_epi32(n47, idx);
+    const __m256i p03 = _mm256_permutevar8x32_epi32(n03, low_high), p47 = _mm256_permutevar8x32_epi32(n47, low_high);
     __m256i c0 = _mm256_permute2x128_si256(p03, p47, 0x20);  // low words of counters 0..7
     __m256i c1 = _mm256_permute2x128_si256(p03, p47, 0x31);  // high words
     __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();

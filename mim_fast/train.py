@@ -1068,14 +1068,11 @@ def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, 
     has_impurity = bool(dataset.test.impurity)
     if compile:
         compile_model(model)
-    step = train_step
+    captured = None
     if cuda_graphs:
         from .graphs import CapturedStep
 
         captured = CapturedStep(model, opt, config, device)
-
-        def step(model, opt, batch, config, noise_seed, device, penalty_factor):
-            return captured(batch, noise_seed, penalty_factor)
 
     def result(finished: bool) -> dict:
         return {"config": dataclasses.asdict(config), "baseline": baseline, "history": state["history"],
@@ -1127,8 +1124,9 @@ def _epochs(model, opt, dataset, config, ck, state, device, backends, world, *, 
                                          seed=_epoch_seed(config.seed, epoch, 2), world=world,
                                          drop_last=config.drop_last))
             for i, batch in enumerate(epoch_batches, 1):
-                losses = step(model, opt, batch, config, noise_seed, device,
-                              penalty_ramp(config, epoch, i - 1, len(epoch_batches)))
+                ramp = penalty_ramp(config, epoch, i - 1, len(epoch_batches))
+                losses = (captured(batch, noise_seed, ramp) if captured is not None else
+                          train_step(model, opt, batch, config, noise_seed, device, ramp))
                 sums += torch.stack([losses[k] for k in LOGGED]).double()
                 n += 1
                 steps += 1
