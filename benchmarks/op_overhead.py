@@ -7,7 +7,9 @@ times each layer on its own, interleaved round-robin (so the machine's drift hit
   kernel          torch.ops.mim_fast.*_forward (+ *_backward) called directly: the C++ op alone
   op fwd          mim_fast.purify_gate / kgs_loss under no_grad: + checks and dispatch
   op fwd+bwd      the public op forward and backward, as a training step calls it
-  eager fwd+bwd   the eager reference (the published formulation), for the ratio
+  eager fwd+bwd   the eager reference (the published formulation; for dropout torch's F.dropout), for the ratio
+  checked path fwd+bwd  (dropout) the public call with its common-call fast path off: the argument checks
+                  and the Python op mim_fast::dropout that every other call takes
   autograd floor  (gate) two scalar ops and torch.autograd.backward of their two outputs, as the gate's
                   step calls it: what any forward+backward pays for the autograd engine here
 
@@ -97,6 +99,46 @@ def _kgs_calls(M=3, B=16, D=80):
     return {"kernel": kernel, "op fwd": op_fwd, "op fwd+bwd": op_fwd_bwd, "eager fwd+bwd": eager_fwd_bwd}
 
 
+def _dropout_calls(T=50, B=16, D=80, p=0.3):
+    """MIM's residual dropout site (T, B, D), batch_dim 1, forward and backward: the kernel's op alone,
+    the public call (the common call: straight to the op, C++ autograd), the same call through the
+    checked path (ops/dropout.py's full path: argument checks, the Python op), torch's F.dropout."""
+    import importlib
+
+    module = importlib.import_module("mim_fast.ops.dropout")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(T, B, D, generator=gen)
+    G = torch.randn(T, B, D, generator=gen)
+    index = torch.randperm(1000, generator=gen)[:B]
+    xg = x.clone().requires_grad_()
+    key = mim_fast.dropout_key(11, 3)
+    apply = torch.ops.mim_fast.dropout_apply
+
+    def kernel():
+        apply(x, index, key, p, 1)
+        apply(G, index, key, p, 1)
+
+    def op_fwd_bwd():
+        xg.grad = None
+        torch.autograd.backward([mim_fast.dropout(xg, p, seed=11, index=index, batch_dim=1, stream=3)], [G])
+
+    common = module._common_call
+
+    def checked_fwd_bwd():
+        module._common_call = lambda *a: None
+        try:
+            op_fwd_bwd()
+        finally:
+            module._common_call = common
+
+    def eager_fwd_bwd():
+        xg.grad = None
+        torch.autograd.backward([torch.nn.functional.dropout(xg, p, training=True)], [G])
+
+    return {"kernel": kernel, "op fwd+bwd": op_fwd_bwd, "checked path fwd+bwd": checked_fwd_bwd,
+            "eager fwd+bwd": eager_fwd_bwd}
+
+
 def measure(calls: dict, reps: int) -> dict:
     names = list(calls)
     for _ in range(50):  # warm-up
@@ -124,7 +166,8 @@ def main(argv=None) -> int:
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                           "torch": torch.__version__, "load": os.getloadavg()[0]},
               "gate T50 B16 D80 fp32": measure(_gate_calls(), args.reps),
-              "kgs M3 B16 D80 fp32": measure(_kgs_calls(), args.reps)}
+              "kgs M3 B16 D80 fp32": measure(_kgs_calls(), args.reps),
+              "dropout T50 B16 D80 fp32 p0.3": measure(_dropout_calls(), args.reps)}
     result["machine"]["load_after"] = os.getloadavg()[0]
     for case, rows in result.items():
         if case == "machine":
@@ -132,7 +175,7 @@ def main(argv=None) -> int:
         print(case)
         eager = rows["eager fwd+bwd"]["median_us"]
         for name, r in rows.items():
-            print("  %-14s %8.1f µs  (p20 %.1f, p80 %.1f)%s" % (name, r["median_us"], r["p20_us"], r["p80_us"],
+            print("  %-21s %8.1f µs  (p20 %.1f, p80 %.1f)%s" % (name, r["median_us"], r["p20_us"], r["p80_us"],
                   "   %.2fx eager" % (eager / r["median_us"]) if name == "op fwd+bwd" else ""))
     print("load average %.1f -> %.1f (2 cores)" % (result["machine"]["load"], result["machine"]["load_after"]))
     if args.out:
