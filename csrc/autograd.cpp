@@ -54,6 +54,10 @@ class PurifyGate : public torch::autograd::Function<PurifyGate> {
     ctx->save_for_backward({x, gate, ste, dq, inv_count, lengths.value_or(Tensor())});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->mark_non_differentiable({gate, ste, dq, inv_count});
+    // Gradients of unused outputs arrive undefined instead of as zero tensors the engine would allocate and
+    // fill on every backward: the four non-differentiable outputs never get one, and that was four
+    // allocations per call at MIM's size. backward() makes the two it reads when they are missing.
+    ctx->set_materialize_grads(false);
     return {pooled, penalty, gate, ste, dq, inv_count};
   }
 
@@ -68,11 +72,15 @@ class PurifyGate : public torch::autograd::Function<PurifyGate> {
     const Opt lengths = saved[5].defined() ? Opt(saved[5]) : Opt();
     const bool needs_x = ctx->needs_input_grad(0), needs_logits = ctx->needs_input_grad(1);
     variable_list out(14);
-    if (!needs_x && !needs_logits) return out;
+    if ((!needs_x && !needs_logits) || (!grads[0].defined() && !grads[1].defined())) return out;
     // ∂L/∂x only when x needs it: MIM's mask-learner update differentiates w.r.t. the logits alone, and
     // not writing ∂L/∂x saves a third of the backward's memory traffic.
     const std::string activation = ctx->saved_data["activation"].toStringRef();
-    auto [grad_x, grad_logits] = op.call(grads[0], grads[1], x, gate, ste, dq, inv_count, lengths, activation, needs_x);
+    // (only one of pooled and penalty reached the loss: the other's gradient is zero)
+    const Tensor grad_pooled = grads[0].defined() ? grads[0] : at::zeros_symint({x.sym_size(1), x.sym_size(2)}, x.options());
+    const Tensor grad_penalty = grads[1].defined() ? grads[1] : at::zeros({}, gate.options());
+    auto [grad_x, grad_logits] =
+        op.call(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation, needs_x);
     if (needs_x) out[0] = grad_x;
     if (needs_logits) out[1] = grad_logits;
     return out;

@@ -608,9 +608,14 @@ def test_fused_backend_only_penalty_or_only_pooled_used(backend):
     l2 = logits.detach().clone().requires_grad_()
     mim_fast.purify_gate(x.detach(), l2, seed=1, backend="torch").penalty.backward()
     torch.testing.assert_close(ref, l2.grad, rtol=1e-5, atol=1e-8)
-    x.grad = None
-    mim_fast.purify_gate(x, logits, seed=1, backend=backend).pooled.sum().backward()
-    assert x.grad is not None and logits.grad is not None
+    x.grad = logits.grad = None
+    G = torch.randn(2, 7, device=dev)
+    (mim_fast.purify_gate(x, logits, seed=1, backend=backend).pooled * G).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    l2 = logits.detach().clone().requires_grad_()
+    (mim_fast.purify_gate(x2, l2, seed=1, backend="torch").pooled * G).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad, l2.grad, rtol=1e-5, atol=1e-6)
 
 
 def _op_samples(dev, dtype=torch.float32):
