@@ -77,7 +77,8 @@ class PurifyGate : public torch::autograd::Function<PurifyGate> {
     // not writing ∂L/∂x saves a third of the backward's memory traffic.
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     // (only one of pooled and penalty reached the loss: the other's gradient is zero)
-    const Tensor grad_pooled = grads[0].defined() ? grads[0] : at::zeros_symint({x.sym_size(1), x.sym_size(2)}, x.options());
+    const Tensor grad_pooled =
+        grads[0].defined() ? grads[0] : at::zeros_symint({x.sym_size(1), x.sym_size(2)}, x.options());
     const Tensor grad_penalty = grads[1].defined() ? grads[1] : at::zeros({}, gate.options());
     auto [grad_x, grad_logits] =
         op.call(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation, needs_x);
