@@ -942,3 +942,45 @@ def test_cpu_kernel_is_bit_identical_across_isas(isa):
     exec(code.replace("torch.save([t.detach() for t in res], sys.argv[1])", "here = [t.detach() for t in res]"), scope)
     for a, b in zip(narrow, scope["here"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(mim_fast.build_info() is None, reason="mim_fast._C not built")
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_common_call_goes_through_the_dispatcher(batch_first, monkeypatch):
+    """The common call reaches the C++ op through _C.purify_gate_call, not torch.ops: a dispatch mode still
+    sees the forward op (and autograd its backward), and the results equal the full path's bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    module = importlib.import_module("mim_fast.ops.purify_gate")
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    T, B, D = 6, 3, 5
+    x = torch.randn(B, T, D) if batch_first else torch.randn(T, B, D)
+    g = torch.randn(B, T) - 3
+    u = torch.rand(B, T).clamp(1e-6, 1 - 1e-6)
+    results = []
+    for common in (True, False):
+        xl, gl = x.clone().requires_grad_(), g.clone().requires_grad_()
+        args = (xl, gl, u, None, 0, "sample", "tanh", "mim", None, batch_first, 1 / 3, -0.2, 1.0, 3.0, 0.6, "cpu")
+        with Record() as rec:
+            if common:
+                out = module._common_call(*args)
+                assert out is not None
+            else:  # the full path: torch.ops.mim_fast.purify_gate_forward from Python
+                with monkeypatch.context() as m:
+                    m.setattr(module, "_common_call", lambda *a: None)
+                    out = mim_fast.purify_gate(xl, gl, noise=u, batch_first=batch_first, backend="cpu")
+            torch.autograd.backward([out.pooled, out.penalty], [torch.ones(B, D), torch.ones(())])
+        assert "mim_fast.purify_gate_forward.default" in rec.ops
+        assert "mim_fast.purify_gate_backward.default" in rec.ops
+        results.append(tuple(out) + (xl.grad, gl.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

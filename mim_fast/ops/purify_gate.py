@@ -185,6 +185,10 @@ def _common_call(x, logits, noise, seed, offset, mode, activation, penalty, leng
         return None
     if mode == "sample" and noise is None and seed is None:
         seed = reference.draw_seed()
+    if impl in _CPP_IMPLS:  # the C++ backends: the op's call in C++, 3 outputs wrapped instead of 6
+        return PurifyGateOutput(*_ext.C.purify_gate_call(
+            x, logits, noise, 0 if seed is None else seed, offset, batch_first, mode, activation, loc_bias, beta,
+            zeta - gamma, gamma, threshold, _pen_shift(penalty, beta, gamma, zeta, threshold)))
     return impl(x, logits, noise=noise, seed=seed, offset=offset, mode=mode, activation=activation, penalty=penalty,
                 lengths=None, batch_first=batch_first, beta=beta, gamma=gamma, zeta=zeta, loc_bias=loc_bias,
                 threshold=threshold)
@@ -292,10 +296,12 @@ if _ext.C is not None:
     torch.library.register_fake("mim_fast::purify_gate_forward")(_forward_fake(_acc_cpp))
     torch.library.register_fake("mim_fast::purify_gate_backward")(_backward_fake)
     # (its autograd is C++: csrc/autograd.cpp, the same logic as _register_autograd below)
-    _backends.register("purify_gate", "cpu", _fused(torch.ops.mim_fast.purify_gate_forward),
-                       _backends.needs_cpu_extension)
-    _backends.register("purify_gate", "cuda", _fused(torch.ops.mim_fast.purify_gate_forward),
-                       _backends.all_of(_backends.needs_cuda_extension, _no_float64))
+    _cpp_impl = _fused(torch.ops.mim_fast.purify_gate_forward)
+    _backends.register("purify_gate", "cpu", _cpp_impl, _backends.needs_cpu_extension)
+    _backends.register("purify_gate", "cuda", _cpp_impl, _backends.all_of(_backends.needs_cuda_extension, _no_float64))
+    _CPP_IMPLS = (_cpp_impl,)  # _common_call calls these through _C.purify_gate_call
+else:
+    _CPP_IMPLS = ()
 
 
 @torch.library.custom_op("mim_fast::purify_gate_forward_triton", mutates_args=())
