@@ -64,14 +64,24 @@ def junit(work: str) -> Dict[str, Dict[str, int]]:
 
 
 def bench_rows(work: str, name: str) -> Optional[dict]:
-    path = os.path.join(work, name, "bench.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    """The bench.json of WORK/NAME merged with those of WORK/NAME_* (gpu_check.sh splits the large shapes over
+    three calls): every row, the union of the sweeps, the first copy bandwidth; None when there is none."""
+    merged: Optional[dict] = None
+    for d in [os.path.join(work, name)] + sorted(glob.glob(os.path.join(work, name + "_*"))):
+        path = os.path.join(d, "bench.json")
+        try:
+            with open(path) as f:
+                b = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if merged is None:
+            merged = dict(b, rows=list(b.get("rows", [])), sweep=dict(b.get("sweep", {})))
+        else:
+            merged["rows"] += b.get("rows", [])
+            for k, v in b.get("sweep", {}).items():
+                merged["sweep"].setdefault(k, v)
+        merged["complete"] = merged.get("complete", True) and b.get("complete", True)
+    return merged
 
 
 def find(bench: Optional[dict], op: str, pass_: str, provider: str, dtype: str, **shape) -> Optional[dict]:
@@ -126,6 +136,9 @@ def summarize(work: str) -> str:
     if dry:
         out += ["**Dry run on a CPU** (GPU_CHECK_DRY_RUN=1): the CPU kernels and the Triton interpreter, tiny shapes; "
                 "no GPU figure below means anything about a GPU.", ""]
+    folder = re.findall(r"^results_folder (\S+)", machine, flags=re.M)
+    if folder:
+        out += ["Commit this file and gpu_check.tar.gz, unedited, under `%s`." % folder[0], ""]
     out += ["## Machine", "", "```", machine or "(machine.log missing)", "```", ""]
 
     st = steps(work)
@@ -227,6 +240,8 @@ def summarize(work: str) -> str:
     else:
         t.rows.append("| paper-size and training-step targets | – | – | missing (bench_paper did not finish) |")
     for large_or_paper, name in ((large, "bench_large"), (paper, "bench_paper")):
+        if large_or_paper and not large_or_paper.get("complete", True):
+            t.rows.append("| %s stopped before its last case | – | – | rows after it missing |" % name)
         if large_or_paper:
             copy = large_or_paper.get("copy_bandwidth", {})
             t.rows.append("| copy bandwidth measured in %s | %.0f GB/s | – | report |" % (name, copy.get("copy_GBps", 0)))

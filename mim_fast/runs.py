@@ -248,19 +248,22 @@ def prune_checkpoints(folder: str, keep: int) -> None:
 # ---------------------------------------------------------------------------------------------- provenance
 
 def git_commit() -> Optional[str]:
-    """The commit of the mim_fast source tree ("-dirty" when tracked files are modified); None when it is
-    not a git checkout (an installed wheel) or git is missing."""
+    """The commit of the mim_fast source tree ("-dirty" when tracked files are modified). Where it is not a git
+    checkout (an installed wheel, a copy of the tree without .git such as the GPU machine's) or git is
+    missing: the environment's MIM_FAST_COMMIT, marked as such, else None."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
+    told = os.environ.get("MIM_FAST_COMMIT")
+    fallback = "%s (MIM_FAST_COMMIT)" % told if told else None
     try:
         head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
-            return None
+            return fallback
         dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

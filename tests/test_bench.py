@@ -214,3 +214,29 @@ def test_plots_give_each_provider_one_colour_everywhere(tmp_path, monkeypatch):
     assert sorted(os.path.basename(p) for p in written) == ["roofline.png", "time.png"]
     assert all(len(styles) == 1 for styles in seen.values()), seen
     assert seen["eager"] == {bench.PROVIDER_STYLE["eager"]} and seen["cpu"] == {bench.PROVIDER_STYLE["cpu"]}
+
+
+def test_rows_are_written_after_every_case(tmp_path, monkeypatch):
+    """A run stopped midway (gpu_check.sh's time limit sends SIGINT) leaves bench.json and bench.md with the
+    cases measured so far, marked incomplete; a finished run is marked complete."""
+    real = bench._make_step
+
+    def interrupted(op, pass_, shape, dtype, provider, device):
+        if op == "kgs_loss":
+            raise KeyboardInterrupt
+        return real(op, pass_, shape, dtype, provider, device)
+
+    monkeypatch.setattr(bench, "_make_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "--ops", "gate,kgs", "--providers", "eager,cpu", "--dtypes", "fp32", "--gate-shapes",
+             "3x2x5", "--kgs-shapes", "2x3")
+    data = _rows(tmp_path / "bench")
+    assert data["complete"] is False
+    measured = {(r["op"], r["pass_"], r["provider"]) for r in data["rows"] if r["median_ms"] is not None}
+    assert ("purify_gate", "fwd+bwd", "cpu") in measured and not any(op == "kgs_loss" for op, _, _ in measured)
+    assert "Incomplete" in (tmp_path / "bench" / "bench.md").read_text()
+    assert not list((tmp_path / "bench").glob("*.tmp"))
+
+    monkeypatch.setattr(bench, "_make_step", real)
+    rc, out = _run(tmp_path, "--ops", "kgs", "--providers", "eager,cpu", "--dtypes", "fp32", "--kgs-shapes", "2x3")
+    assert rc == 0 and _rows(out)["complete"] is True and "Incomplete" not in (out / "bench.md").read_text()

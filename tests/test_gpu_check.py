@@ -80,3 +80,34 @@ def test_summary_flags_a_missed_bandwidth_target(tmp_path):
 
 def test_gpu_check_script_is_valid_bash():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], check=True)
+
+
+def test_summary_merges_the_split_large_benchmarks_and_flags_an_incomplete_one(tmp_path):
+    """gpu_check.sh measures the large shapes in three calls (bench_large, bench_large_logits,
+    bench_large_kgs): the summary reads them as one; a call stopped midway is named."""
+    w = _fake_run(tmp_path, cuda_pct=90.0, failed_test=False)
+    big = os.path.join(w, "bench_large")
+    with open(os.path.join(big, "bench.json")) as f:
+        data = json.load(f)
+    kgs_rows = [r for r in data["rows"] if r["op"] == "kgs_loss"]
+    data["rows"] = [r for r in data["rows"] if r["op"] != "kgs_loss"]
+    kgs_sweep = data["sweep"].pop("kgs")
+    with open(os.path.join(big, "bench.json"), "w") as f:
+        json.dump(data, f)
+    _bench(os.path.join(w, "bench_large_kgs"), {"kgs": kgs_sweep}, kgs_rows)
+    gate = dict(T=50, B=2048, D=768)
+    _bench(os.path.join(w, "bench_large_logits"), {"gate": [[50, 2048, 768]]},
+           [_row("purify_gate", "fwd+bwd-logits", "cuda", "fp32", gate, 0.5)])
+    with open(os.path.join(w, "machine.log"), "a") as f:
+        f.write("results_folder benchmarks/results/2026-12-07-h200/\n")
+    text = gpu_check_summary.summarize(w)
+    assert _line(text, "KGS fwd+bwd M3 B4096 D768 fp32, cuda: vs eager").endswith("| met |")
+    assert "| 0.50 |" in _line(text, "gate fwd+bwd T50 B2048 D768 fp32, cuda: x frozen")
+    assert "under `benchmarks/results/2026-12-07-h200/`" in text
+    assert "stopped before its last case" not in text
+    with open(os.path.join(w, "bench_large_kgs", "bench.json")) as f:
+        part = json.load(f)
+    part["complete"] = False
+    with open(os.path.join(w, "bench_large_kgs", "bench.json"), "w") as f:
+        json.dump(part, f)
+    assert "| bench_large stopped before its last case |" in gpu_check_summary.summarize(w)

@@ -563,3 +563,12 @@ def test_cli_read_only_folder_is_one_line_and_changes_nothing(tmp_path):
     assert line.startswith("mim-fast train: error: cannot write %s" % (run / "config.json")), line
     assert line.endswith("Read-only file system") or line.endswith("Permission denied"), line
     assert files(run) == before
+
+
+def test_git_commit_outside_a_checkout_takes_the_commit_from_the_environment(monkeypatch):
+    """A copy of the tree without .git (the GPU machine's) records the commit gpu_check.sh was told."""
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a git repo"))
+    monkeypatch.delenv("MIM_FAST_COMMIT", raising=False)
+    assert runs.git_commit() is None
+    monkeypatch.setenv("MIM_FAST_COMMIT", "0123abcd")
+    assert runs.git_commit() == "0123abcd (MIM_FAST_COMMIT)"
