@@ -384,7 +384,9 @@ def _providers(op: str, device: str, dtype: torch.dtype, wanted: Optional[Sequen
             reason = "Triton under the CPU interpreter is a test vehicle: its timings mean nothing"
         out.append((backend, reason))
     if op == "train_step":  # the fused step (backend auto) replayed as one CUDA graph
-        out.append(("cuda-graphs", None if device == "cuda" else "CUDA graphs need a CUDA device"))
+        out.append(("cuda-graphs", "CUDA graphs need a CUDA device" if device != "cuda" else
+                    "the captured step refuses fp16 autocast (GradScaler reads its inf check on the host)"
+                    if dtype == torch.float16 else None))
     if wanted:
         out = [(p, r) for p, r in out if p in wanted]
     return out

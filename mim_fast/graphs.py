@@ -168,11 +168,13 @@ class CapturedStep:
         saved = self._save()
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            for _ in range(self.warmup):
-                self._step(noise_seed)
-        current.wait_stream(self.stream)
-        self._restore(saved)
+        try:
+            with torch.cuda.stream(self.stream):
+                for _ in range(self.warmup):
+                    self._step(noise_seed)
+        finally:  # also when a warm-up step raised (or ^C): the model and Adam are as they were
+            current.wait_stream(self.stream)
+            self._restore(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):  # a private memory pool per capture
             self.outputs = self._step(noise_seed)

@@ -668,7 +668,20 @@ class Optimizers:
 
     def load_state_dict(self, state):
         for o, s in zip(self.opts, state["opts"]):
+            own = [{k: g.get(k) for k in ("capturable", "fused")} for g in o.param_groups]
             o.load_state_dict(s)
+            # torch restores the checkpoint's flags with its param_groups: a run resumed with --cuda-graphs from
+            # a checkpoint without them would refuse to capture, and a --cuda-graphs checkpoint resumed without
+            # would keep a capturable Adam (failing its first step on a CPU). The flags are this run's, and so
+            # is where Adam keeps its step count: on the parameter's device when capturable or fused, else on
+            # the CPU (as torch.optim.Adam makes it).
+            for group, flags in zip(o.param_groups, own):
+                group.update(flags)
+                on_device = bool(group.get("capturable") or group.get("fused"))
+                for p in group["params"]:
+                    st = o.state.get(p, {})
+                    if torch.is_tensor(st.get("step")):
+                        st["step"] = st["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
 
@@ -763,11 +776,21 @@ def evaluate(model: MIM, split, config: TrainConfig, device: torch.device, seed:
     return res
 
 
+_BAR_EVERY_S = 0.5
+_bar_drawn = [0.0]  # when the bar was last drawn
+
+
 def _progress(epoch: int, epochs: int, i: int, n: int, t0: float, loss, enabled: bool) -> None:
-    """The progress bar on a terminal; ``loss`` a callable giving the running train L1 (read only when the
-    bar is drawn: it costs a device sync), or None (several processes: rank 0 holds only its share)."""
+    """The progress bar on a terminal, redrawn at most every 0.5 s and at an epoch's last step; ``loss`` a
+    callable giving the running train L1 (read only when the bar is drawn: on a GPU it is a device sync,
+    which every step would pay, a captured one too), or None (several processes: rank 0 holds only its
+    share)."""
     if not enabled or not sys.stderr.isatty():  # a bar redrawn with \r only makes sense on a terminal
         return
+    now = time.time()
+    if i != n and now - _bar_drawn[0] < _BAR_EVERY_S:
+        return
+    _bar_drawn[0] = now
     width = 24
     done = int(width * i / max(n, 1))
     sys.stderr.write("\r  epoch %3d/%d [%s%s] %4d/%d %s %.1fs" % (

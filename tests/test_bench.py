@@ -240,3 +240,11 @@ def test_rows_are_written_after_every_case(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_make_step", real)
     rc, out = _run(tmp_path, "--ops", "kgs", "--providers", "eager,cpu", "--dtypes", "fp32", "--kgs-shapes", "2x3")
     assert rc == 0 and _rows(out)["complete"] is True and "Incomplete" not in (out / "bench.md").read_text()
+
+
+def test_cuda_graphs_provider_is_skipped_with_the_reason_where_the_captured_step_refuses():
+    reasons = {dtype: dict(bench._providers("train_step", "cuda", dtype, None))["cuda-graphs"]
+               for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    assert reasons[torch.float32] is None and reasons[torch.bfloat16] is None
+    assert "fp16" in reasons[torch.float16]
+    assert "CUDA device" in dict(bench._providers("train_step", "cpu", torch.float32, None))["cuda-graphs"]

@@ -256,3 +256,83 @@ def test_capture_branch_with_stand_ins_for_the_cuda_runtime(tmp_path, monkeypatc
     assert (step.captures, step.replays, step.eager_steps) == (2, 10, 2)
     per_epoch = ["wait", "wait", "capture"] + ["replay"] * 5
     assert log == per_epoch * 2, log
+
+
+def test_a_failed_warmup_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    """A warm-up step that raises (or ^C) before the capture: parameters, Adam's state and the RNG come back
+    bit for bit, and the error propagates (a later capture would otherwise warm up from a moved model)."""
+    import contextlib
+
+    cfg, data, model, opt = _setup(tmp_path)
+    monkeypatch.setattr(graphs, "unsupported", lambda *a, **k: None)
+    monkeypatch.setattr(graphs, "_check_capturable", lambda opt: None)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    for name, stand_in in (("Stream", lambda device=None, priority=0: Stream()),
+                           ("current_stream", lambda device=None: Stream()),
+                           ("stream", lambda stream: contextlib.nullcontext()),
+                           ("device", lambda device: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    step = graphs.CapturedStep(model, opt, cfg, CPU, capture=True, warmup=3)
+    batches = list(T.batches(data.train, 16, shuffle=True, device=CPU, seed=4))
+    T.train_step(model, opt, batches[0], cfg, 9, CPU)  # Adam has state
+    step._load(batches[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before_state = [{k: v.clone() for k, v in st.items()} for o in opt.opts for st in o.state.values()]
+    rng = torch.get_rng_state()
+    real, calls = step._step, []
+
+    def fails_second(seed):
+        calls.append(seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(seed)
+
+    monkeypatch.setattr(step, "_step", fails_second)
+    with pytest.raises(KeyboardInterrupt):
+        step._capture(9)
+    assert len(calls) == 2 and step.graph is None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    after = [st for o in opt.opts for st in o.state.values()]
+    for a, b in zip(after, before_state):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("adam", ["default", "fused"])
+def test_resume_keeps_this_runs_adam_flags(tmp_path, adam):
+    """Optimizers.load_state_dict keeps the run's own capturable/fused flags (torch would take the
+    checkpoint's): a --cuda-graphs checkpoint resumed on the CPU steps, with Adam's step count where this
+    run's Adam keeps it, and the trajectory is the one of an optimizer that never saw the flag."""
+    cfg, data, model, opt = _setup(tmp_path, adam=adam)
+    batch = next(iter(T.batches(data.train, 16, shuffle=True, device=CPU, seed=4)))
+    T.train_step(model, opt, batch, cfg, 9, CPU)
+    import copy
+
+    state = copy.deepcopy(opt.state_dict())  # (a state_dict holds the live tensors: each load gets its own)
+    twin, twin_opt = _twin(model, cfg)
+    twin_opt.load_state_dict(copy.deepcopy(state))  # as saved by this run
+    for s in state["opts"]:  # as saved by a --cuda-graphs run
+        for g in s["param_groups"]:
+            g["capturable"] = True
+    resumed, resumed_opt = _twin(model, cfg)
+    resumed_opt.load_state_dict(state)
+    stepped = 0
+    for o in resumed_opt.opts:
+        for g in o.param_groups:
+            assert g["capturable"] is False and bool(g.get("fused")) == (adam == "fused")
+            for p in g["params"]:
+                st = o.state.get(p, {}).get("step")
+                if st is not None:  # (a parameter no loss reached this step has no state yet)
+                    assert st.dtype == torch.float32 and st.device.type == "cpu" and float(st) == 1.0
+                    stepped += 1
+    assert stepped
+    for m, o in ((twin, twin_opt), (resumed, resumed_opt)):
+        torch.manual_seed(3)
+        T.train_step(m, o, batch, cfg, 11, CPU)
+    for (k, a), b in zip(twin.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -452,3 +452,29 @@ def test_resume_refuses_a_run_whose_config_lacks_a_preset_field(tmp_path):
     cfg = _run_saved_without(tmp_path, "mask_residual")
     with pytest.raises(T.RunFolderError, match="another version.*mask_residual"):
         T.resume(cfg.out, progress=False, log=lambda *a: None)
+
+
+def test_progress_bar_reads_the_loss_at_most_every_half_second(monkeypatch):
+    """On a terminal the bar is redrawn every 0.5 s and at the epoch's end, not every step: reading the
+    running loss is a device sync on a GPU."""
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    clock = [1000.0]
+    monkeypatch.setattr(T.time, "time", lambda: clock[0])
+    monkeypatch.setattr(T, "_bar_drawn", [0.0])
+    reads = []
+
+    def loss():
+        reads.append(clock[0])
+        return 0.5
+
+    for i in range(1, 11):  # 10 steps, 0.1 s apart: drawn at the first, after 0.5 s, and at the last
+        T._progress(1, 2, i, 10, 0.0, loss, True)
+        clock[0] += 0.1
+    assert len(reads) == 3 and reads[-1] == pytest.approx(1000.9)
+    assert sys.stderr.getvalue().endswith("\n")
