@@ -336,3 +336,26 @@ def test_resume_keeps_this_runs_adam_flags(tmp_path, adam):
         T.train_step(m, o, batch, cfg, 11, CPU)
     for (k, a), b in zip(twin.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_step_forward_on_fake_cuda_under_capture(tmp_path, monkeypatch, backend):
+    """The captured step's forward with every loss, on fake CUDA tensors (FakeTensorMode: no driver) while
+    torch.cuda says a capture is under way: the ops take their CUDA and capture branches, and a host sync
+    (.item(), a value-dependent shape) or a CPU tensor mixed into the CUDA graph raises here. (The backward
+    cannot run this way: autograd's engine needs a real device; the CPU test above covers its syncs. Nor
+    can autocast: without a driver torch turns CUDA autocast off.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = T.TrainConfig(out=str(tmp_path / "run"), **{**TINY, "backend": backend})
+    data = T.load_for_training(cfg)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    dev = torch.device("cuda")
+    with torch.backends.cudnn.flags(enabled=False), FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.device("cuda"):
+            model = T.build_model(data, cfg)
+        batch = next(iter(T.batches(data.train, 16, shuffle=True, device=dev, seed=3)))
+        _, _, task, loss_a, loss_b = T.compute_losses(model, batch, cfg, 5, dev,
+                                                      penalty_weight=torch.full((), 0.5, device=dev))
+        for v in (task, loss_a, loss_b):
+            assert v.device.type == "cuda" and v.shape == ()
