@@ -65,7 +65,8 @@ def junit(work: str) -> Dict[str, Dict[str, int]]:
 
 def bench_rows(work: str, name: str) -> Optional[dict]:
     """The bench.json of WORK/NAME merged with those of WORK/NAME_* (gpu_check.sh splits the large shapes over
-    three calls): every row, the union of the sweeps, the first copy bandwidth; None when there is none."""
+    three calls): every row, the sweeps of the ops each call was asked for, the first copy bandwidth; None
+    when there is none."""
     merged: Optional[dict] = None
     for d in [os.path.join(work, name)] + sorted(glob.glob(os.path.join(work, name + "_*"))):
         path = os.path.join(d, "bench.json")
@@ -74,14 +75,19 @@ def bench_rows(work: str, name: str) -> Optional[dict]:
                 b = json.load(f)
         except (OSError, ValueError):
             continue
+        asked = b.get("ops")  # (a sweep also holds the default shapes of the ops not asked for)
+        sweep = {k: v for k, v in b.get("sweep", {}).items() if asked is None or SWEEP_OP.get(k, k) in asked}
         if merged is None:
-            merged = dict(b, rows=list(b.get("rows", [])), sweep=dict(b.get("sweep", {})))
+            merged = dict(b, rows=list(b.get("rows", [])), sweep=sweep)
         else:
             merged["rows"] += b.get("rows", [])
-            for k, v in b.get("sweep", {}).items():
+            for k, v in sweep.items():
                 merged["sweep"].setdefault(k, v)
         merged["complete"] = merged.get("complete", True) and b.get("complete", True)
     return merged
+
+
+SWEEP_OP = {"gate": "gate", "gate_passes": "gate", "kgs": "kgs", "train": "train"}  # sweep key -> --ops name
 
 
 def find(bench: Optional[dict], op: str, pass_: str, provider: str, dtype: str, **shape) -> Optional[dict]:
@@ -192,7 +198,9 @@ def summarize(work: str) -> str:
     fused = [p for p in FUSED if any(r["provider"] == p and r.get("median_ms") for r in (large or {}).get("rows", []))] \
         or ["cuda", "triton"]
     if large:
-        for T, B, D in large["sweep"]["gate"]:
+        if not large["sweep"].get("gate"):
+            t.rows.append("| gate large-shape targets | – | – | missing (bench_gate did not run) |")
+        for T, B, D in large["sweep"].get("gate", []):
             for dtype in ("fp32", "bf16"):
                 for p in fused:
                     r = find(large, "purify_gate", "fwd+bwd", p, dtype, T=T, B=B, D=D)
@@ -207,7 +215,9 @@ def summarize(work: str) -> str:
                     if lr and r:
                         t.add(what + ": x frozen (no ∂L/∂x) time / fwd+bwd time", lr["median_ms"] / r["median_ms"],
                               "%.2f", None)
-        kgs = large["sweep"]["kgs"]
+        kgs = large["sweep"].get("kgs", [])
+        if not kgs:
+            t.rows.append("| KGS large-shape targets | – | – | missing (bench_kgs did not run) |")
         for i, (B, D) in enumerate(kgs):
             for p in fused:
                 r = find(large, "kgs_loss", "fwd+bwd", p, "fp32", M=3, B=B, D=D)
@@ -220,17 +230,17 @@ def summarize(work: str) -> str:
     else:
         t.rows.append("| gate and KGS large-shape targets | – | – | missing (bench_large did not finish) |")
     if paper:
-        for T, B, D in paper["sweep"]["gate"]:
+        for T, B, D in paper["sweep"].get("gate", []):
             for p in fused:
                 r = find(paper, "purify_gate", "fwd+bwd", p, "fp32", T=T, B=B, D=D)
                 t.add("paper size: gate fwd+bwd T%d B%d D%d fp32, %s: vs eager" % (T, B, D, p), r and r.get("vs_eager"),
                       "%.2f×", 3.0)
-        for B, D in paper["sweep"]["kgs"]:
+        for B, D in paper["sweep"].get("kgs", []):
             for p in fused:
                 r = find(paper, "kgs_loss", "fwd+bwd", p, "fp32", M=3, B=B, D=D)
                 t.add("paper size: KGS fwd+bwd M3 B%d D%d fp32, %s: vs eager" % (B, D, p), r and r.get("vs_eager"),
                       "%.2f×", 3.0)
-        for B in paper["sweep"]["train"]:
+        for B in paper["sweep"].get("train", []):
             for p in fused + (["cuda-graphs"] if "cuda" in fused else []):  # graphs: the fused step, captured
                 r = find(paper, "train_step", "step", p, "fp32", B=B)
                 e = find(paper, "train_step", "step", "eager", "fp32", B=B)

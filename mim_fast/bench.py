@@ -511,17 +511,19 @@ def run_group(op, pass_, shape, dname, dtype, size, providers: Sequence[str], de
     return rows
 
 
-def _write(out: str, rows: List[Row], meta: dict, copy: dict, sweep: dict, quick: bool, t_start: float, *,
-           complete: bool) -> str:
+def _write(out: str, rows: List[Row], meta: dict, copy: dict, sweep: dict, ops: Sequence[str], quick: bool,
+           t_start: float, *, complete: bool) -> str:
     """OUT/bench.md and OUT/bench.json for the rows so far (``"complete": false`` in the JSON, and a line in
-    the table, until every case has run); returns the table."""
+    the table, until every case has run); returns the table. The JSON names the ops the run was asked for:
+    its sweep also holds the default shapes of the others."""
     _ratios(rows)
     meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     table = markdown(rows, meta, copy)
     if not complete:
         table += "\nIncomplete: written before every case was measured (the run was stopped, or is still running).\n"
     for name, text in (("bench.md", table), ("bench.json", json.dumps(
-            {"machine": meta, "copy_bandwidth": copy, "quick": quick, "sweep": sweep, "complete": complete,
+            {"machine": meta, "copy_bandwidth": copy, "quick": quick, "ops": list(ops), "sweep": sweep,
+             "complete": complete,
              "rows": [dict(asdict(r), case=r.case) for r in rows]}, indent=1))):
         tmp = os.path.join(out, name + ".tmp")
         with open(tmp, "w") as f:
@@ -800,8 +802,8 @@ def main(args) -> int:
                                         "%10.3f ms%s" % (row.median_ms, "  ⚠ " + row.untrusted if row.untrusted
                                                          else "")), flush=True)
         # after every case, so a run stopped by a time limit (benchmarks/gpu_check.sh) keeps what it measured
-        _write(args.out, rows, meta, copy, sweep, args.quick, t_start, complete=False)
-    table = _write(args.out, rows, meta, copy, sweep, args.quick, t_start, complete=True)
+        _write(args.out, rows, meta, copy, sweep, ops, args.quick, t_start, complete=False)
+    table = _write(args.out, rows, meta, copy, sweep, ops, args.quick, t_start, complete=True)
     print()
     print(table)
     warning = trust_warning(rows)

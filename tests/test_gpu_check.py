@@ -111,3 +111,25 @@ def test_summary_merges_the_split_large_benchmarks_and_flags_an_incomplete_one(t
     with open(os.path.join(w, "bench_large_kgs", "bench.json"), "w") as f:
         json.dump(part, f)
     assert "| bench_large stopped before its last case |" in gpu_check_summary.summarize(w)
+
+
+def test_summary_takes_each_calls_sweep_only_for_the_ops_it_was_asked_for(tmp_path):
+    """A bench.json's sweep also holds the default shapes of the ops not asked for (`--ops gate` still lists
+    the default KGS shapes): merged, only the asked-for ones count, and a call that never ran says missing."""
+    w = tmp_path / "work"
+    w.mkdir()
+    (w / "machine.log").write_text("dry_run 0\n")
+    (w / "steps.tsv").write_text("step\trc\tseconds\tlimit\n")
+    gate = dict(T=50, B=2048, D=768)
+    big = str(w / "bench_large")
+    _bench(big, {"gate": [[50, 2048, 768]], "kgs": [[16, 80]]},
+           [_row("purify_gate", "fwd+bwd", "cuda", "fp32", gate, 1.0, pct_copy_bw=90.0, vs_compile=2.5)])
+    with open(os.path.join(big, "bench.json")) as f:
+        data = json.load(f)
+    data["ops"] = ["gate"]
+    with open(os.path.join(big, "bench.json"), "w") as f:
+        json.dump(data, f)
+    text = gpu_check_summary.summarize(str(w))
+    assert "B16 D80" not in text
+    assert "| KGS large-shape targets | – | – | missing (bench_kgs did not run) |" in text
+    assert _line(text, "gate fwd+bwd T50 B2048 D768 fp32, cuda: % of copy").endswith("| met |")
