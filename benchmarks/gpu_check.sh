@@ -145,8 +145,12 @@ step build 200 build
 step info 30 "$PY" -m mim_fast info
 if [[ "$DRY" != "1" && "${GPU_CHECK_PREBUILT:-0}" != "1" ]]; then  # for a rerun on a fresh machine only
   so=(mim_fast/_C.*.so)
-  [[ -f "${so[0]}" ]] && cp "${so[0]}" "$W/" && strip --strip-debug "$W/$(basename "${so[0]}")" 2>/dev/null
-  [[ -f "${so[0]}" ]] && tar -czf "$OUT/prebuilt_C.tar.gz" -C "$W" "$(basename "${so[0]}")" && rm -f "$W/$(basename "${so[0]}")"
+  if [[ -f "${so[0]}" ]]; then
+    name="$(basename "${so[0]}")"
+    cp "${so[0]}" "$W/$name" && { strip --strip-debug "$W/$name" 2>/dev/null || true; } \
+      && tar -czf "$OUT/prebuilt_C.tar.gz" -C "$W" "$name"
+    rm -f "$W/$name"
+  fi
 fi
 
 # --- GPU tests: the CUDA and compiled-Triton backends (pytest -m gpu; CI runs the CPU tests) ---------------
@@ -196,7 +200,6 @@ step bench_paper 100 "$PY" -m mim_fast bench --device "$DEV" --ops gate,kgs,trai
   --gate-passes fwd+bwd --providers "$PROVIDERS" --out "$W/bench_paper"
 step bench_gate_logits 40 "$PY" -m mim_fast bench --device "$DEV" --ops gate --dtypes fp32,bf16 "${BENCH_GATE[@]}" \
   --gate-passes fwd+bwd-logits --providers "$FUSED_PROVIDERS" --out "$W/bench_large_logits"
-
 
 # --- compute-sanitizer memcheck over small forward+backward calls; the training-step profile; racecheck ----
 # memcheck without the caching allocator: with it, an access past a small tensor's end lands inside a cached

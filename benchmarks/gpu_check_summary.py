@@ -76,7 +76,8 @@ def bench_rows(work: str, name: str) -> Optional[dict]:
         except (OSError, ValueError):
             continue
         asked = b.get("ops")  # (a sweep also holds the default shapes of the ops not asked for)
-        sweep = {k: v for k, v in b.get("sweep", {}).items() if asked is None or SWEEP_OP.get(k, k) in asked}
+        sweep = {k: v for k, v in b.get("sweep", {}).items()
+                 if asked is None or {"gate_passes": "gate"}.get(k, k) in asked}  # sweep key -> its --ops name
         if merged is None:
             merged = dict(b, rows=list(b.get("rows", [])), sweep=sweep)
         else:
@@ -85,9 +86,6 @@ def bench_rows(work: str, name: str) -> Optional[dict]:
                 merged["sweep"].setdefault(k, v)
         merged["complete"] = merged.get("complete", True) and b.get("complete", True)
     return merged
-
-
-SWEEP_OP = {"gate": "gate", "gate_passes": "gate", "kgs": "kgs", "train": "train"}  # sweep key -> --ops name
 
 
 def find(bench: Optional[dict], op: str, pass_: str, provider: str, dtype: str, **shape) -> Optional[dict]:

@@ -28,18 +28,27 @@ using Opt = c10::optional<Tensor>;
 // ---------------------------------------------------------------------------------------------------
 using GateOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+// The op's typed handle, looked up once: for the autograd node below (under it) and for purify_gate_call
+// (through it).
+const c10::TypedOperatorHandle<GateOut(const Tensor&, const Tensor&, const Opt&, const Opt&, int64_t, int64_t,
+                                       c10::string_view, c10::string_view, double, double, double, double, double,
+                                       double)>&
+gate_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mim_fast::purify_gate_forward", "")
+                             .typed<GateOut(const Tensor&, const Tensor&, const Opt&, const Opt&, int64_t, int64_t,
+                                            c10::string_view, c10::string_view, double, double, double, double,
+                                            double, double)>();
+  return op;
+}
+
 GateOut gate_forward_below_autograd(const Tensor& x, const Tensor& logits, const Opt& noise, const Opt& lengths,
                                     int64_t seed, int64_t offset, c10::string_view mode, c10::string_view activation,
                                     double loc_bias, double beta, double zeta_gamma, double gamma, double threshold,
                                     double pen_shift) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mim_fast::purify_gate_forward", "")
-                       .typed<GateOut(const Tensor&, const Tensor&, const Opt&, const Opt&, int64_t, int64_t,
-                                      c10::string_view, c10::string_view, double, double, double, double, double,
-                                      double)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(x, logits, noise, lengths, seed, offset, mode, activation, loc_bias, beta, zeta_gamma, gamma,
-                 threshold, pen_shift);
+  return gate_forward_op().call(x, logits, noise, lengths, seed, offset, mode, activation, loc_bias, beta,
+                                zeta_gamma, gamma, threshold, pen_shift);
 }
 
 class PurifyGate : public torch::autograd::Function<PurifyGate> {
@@ -218,6 +227,17 @@ class DropoutApply : public torch::autograd::Function<DropoutApply> {
 
 Tensor dropout_apply_autograd(const Tensor& x, const Tensor& index, int64_t key, double p, int64_t batch_dim) {
   return DropoutApply::apply(x, index, key, p, batch_dim);
+}
+
+std::tuple<Tensor, Tensor, Tensor> purify_gate_call(const Tensor& x, const Tensor& logits, const Opt& noise,
+                                                    int64_t seed, int64_t offset, bool batch_first,
+                                                    c10::string_view mode, c10::string_view activation,
+                                                    double loc_bias, double beta, double zeta_gamma, double gamma,
+                                                    double threshold, double pen_shift) {
+  const Tensor xs = batch_first ? x.transpose(0, 1) : x;  // (T, B, D) view: the kernels read strides
+  GateOut out = gate_forward_op().call(xs, logits, noise, c10::nullopt, seed, offset, mode, activation, loc_bias,
+                                       beta, zeta_gamma, gamma, threshold, pen_shift);
+  return {std::move(std::get<0>(out)), std::move(std::get<1>(out)), std::move(std::get<2>(out))};
 }
 
 TORCH_LIBRARY_IMPL(mim_fast, Autograd, m) {

@@ -1,10 +1,10 @@
 // The mim_fast._C extension: the op schemas of the mim_fast torch.library namespace (the contract
 // every backend implements; kernels register per device in their own files) and a pybind11 module
 // that reports how this binary was built.
+#include "autograd.h"
 #include "cpu_memory.h"
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
@@ -121,27 +121,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (int64_t i = 0; i < n; ++i) ok &= p[i] >= 0 && p[i] <= hi;
     return ok;
   }, "True when every value of the CPU int64 tensor lies in [0, hi].");
-  // The last step of purify_gate's eager common call (mim_fast/ops/purify_gate.py _common_call), which has
-  // already checked every argument and picked the C++ backend: the forward op called through the
-  // dispatcher (so its C++ autograd node, dispatch modes and the profiler see the same op) but without
-  // the Python layers of torch.ops' boxed call, and only the three public outputs wrapped as Python objects.
-  // The hyper-parameters arrive folded as the op takes them (zeta_gamma = ζ − γ, pen_shift).
+  // purify_gate's eager common call, past its Python checks (csrc/autograd.h)
   m.def(
       "purify_gate_call",
       [](const at::Tensor& x, const at::Tensor& logits, const std::optional<at::Tensor>& noise, int64_t seed,
          int64_t offset, bool batch_first, const std::string& mode, const std::string& activation, double loc_bias,
          double beta, double zeta_gamma, double gamma, double threshold, double pen_shift) {
-        using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-        static const auto op =
-            c10::Dispatcher::singleton()
-                .findSchemaOrThrow("mim_fast::purify_gate_forward", "")
-                .typed<Out(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, int64_t, int64_t, c10::string_view, c10::string_view,
-                           double, double, double, double, double, double)>();
-        const at::Tensor xs = batch_first ? x.transpose(0, 1) : x;  // (T, B, D) view: kernels read strides
-        Out out = op.call(xs, logits, noise, std::nullopt, seed, offset, mode, activation, loc_bias, beta, zeta_gamma,
-                          gamma, threshold, pen_shift);
-        return std::make_tuple(std::move(std::get<0>(out)), std::move(std::get<1>(out)), std::move(std::get<2>(out)));
+        return mim_fast::purify_gate_call(x, logits, noise, seed, offset, batch_first, mode, activation, loc_bias,
+                                          beta, zeta_gamma, gamma, threshold, pen_shift);
       },
       py::call_guard<py::gil_scoped_release>(),
       "purify_gate_forward's (pooled, penalty, gate) for arguments mim_fast.purify_gate has checked.");
