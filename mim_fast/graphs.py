@@ -14,6 +14,13 @@ What changes between replays, and how a replay sees it:
   filled before each replay (:func:`mim_fast.train.compute_losses`'s ``penalty_weight``);
 * **Adam** — ``torch.optim.Adam(capturable=True)`` keeps its step count on the device.
 
+A graph holds the addresses of the tensors it was captured on. Should the model's parameters or buffers, or
+Adam's state, be replaced after a capture (``p.data = ...``, ``model.to(...)``, a buffer registered anew,
+an optimizer's ``load_state_dict``), a replay would go on reading and updating the old
+memory: a run that silently stops training the model it holds. Each call therefore checks, before a replay,
+that every one of them is still the tensor, at the address, it was at the capture, and captures again
+(with a warning naming it) when one is not.
+
 A batch of another shape (the last, smaller batch of an epoch when ``drop_last`` is off) runs eagerly, on the
 same parameters and optimizer state. Capturing runs ``warmup`` steps first (on a side stream, as torch's
 CUDA-graph docs require: lazy state such as Adam's moments must exist before capture, or its
@@ -31,6 +38,9 @@ Hugging Face BERT text encoder (not checked for capture).
 up to the capture boundary that a CPU can run (tests/test_graphs.py). The GPU tests
 (tests/test_cuda_graphs.py) compare captured and eager runs.
 """
+import contextlib
+import operator
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -60,6 +70,18 @@ def unsupported(config: TrainConfig, device: torch.device, *, world_size: int = 
         return ("a Hugging Face BERT text encoder (--bert) is not checked for capture (its attention-mask handling "
                 "may read device values on the host)")
     return None
+
+
+# torch.optim.Adam(capturable=True) warns, once per optimizer, when it steps outside a capture. Here that is
+# by design (the warm-up steps, a batch of another shape), so the warning would only alarm the user.
+_ADAM_UNCAPTURED = "This instance was constructed with capturable=True"
+
+
+@contextlib.contextmanager
+def _uncaptured_steps_expected():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_ADAM_UNCAPTURED, category=UserWarning)
+        yield
 
 
 def _check_capturable(opt: Optimizers) -> None:
@@ -99,6 +121,7 @@ class CapturedStep:
         self.graph = None
         self.seed: Optional[int] = None
         self.outputs: Optional[torch.Tensor] = None
+        self.bindings: Tuple[list, ...] = ()  # what the graph holds by address (see _bind)
         # One side stream for every warm-up and capture. cuBLAS keeps a workspace per (handle, stream),
         # allocated on first use and never freed: warming up on the stream that then captures creates them
         # outside the graph's pool (a workspace made during capture would pin the pool after the graph is
@@ -110,15 +133,16 @@ class CapturedStep:
     def __call__(self, batch: Batch, noise_seed: int, penalty_factor: float = 1.0) -> Dict[str, torch.Tensor]:
         if not self._fits(batch):
             self.eager_steps += 1
-            return train_lib.train_step(self.model, self.opt, batch, self.config, noise_seed, self.device,
-                                        penalty_factor)
+            with _uncaptured_steps_expected() if self.capture else contextlib.nullcontext():
+                return train_lib.train_step(self.model, self.opt, batch, self.config, noise_seed, self.device,
+                                            penalty_factor)
         self._load(batch)
         self.coef.fill_(self.config.penalty_weight * penalty_factor)  # a fill kernel: no host-to-device copy
         if not self.capture:
             logged = self._step(noise_seed)
         else:
             with torch.cuda.device(self.device):  # capture and replay on the run's GPU, not the current one
-                if self.graph is None or noise_seed != self.seed:
+                if self.graph is None or noise_seed != self.seed or not self._still_bound():
                     self._capture(noise_seed)
                 self.graph.replay()
             logged = self.outputs
@@ -169,7 +193,7 @@ class CapturedStep:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         try:
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.stream), _uncaptured_steps_expected():
                 for _ in range(self.warmup):
                     self._step(noise_seed)
         finally:  # also when a warm-up step raised (or ^C): the model and Adam are as they were
@@ -179,7 +203,42 @@ class CapturedStep:
         with torch.cuda.graph(graph, stream=self.stream):  # a private memory pool per capture
             self.outputs = self._step(noise_seed)
         self.graph, self.seed = graph, noise_seed
+        self.bindings = self._bind()
         self.captures += 1
+
+    # -- what a graph holds by address ------------------------------------------------------------------------
+    def _bind(self) -> Tuple[list, ...]:
+        """What a replay reads or writes outside the graph's pool and code outside this class may replace: the
+        model's parameters and buffers (each in its module's dict, and at its address) and each Adam's state
+        (its state dict, param_groups and each parameter's state dict: what ``load_state_dict`` replaces).
+        Columns (names, containers, keys, objects, tensors, addresses), so that :meth:`_still_bound` checks
+        them in C loops (map), not a Python one."""
+        net = train_lib._unwrap(self.model)
+        rows = []
+        for mod_name, mod in net.named_modules():
+            for slots in (mod._parameters, mod._buffers):
+                rows += [((mod_name + "." if mod_name else "") + k, slots, k, t) for k, t in slots.items()
+                         if t is not None]
+        tensors = [t for _, _, _, t in rows]
+        for i, o in enumerate(self.opt.opts):
+            name = "optimizer %d's state" % i
+            rows += [(name, vars(o), "state", o.state), (name, vars(o), "param_groups", o.param_groups)]
+            rows += [(name, o.state, p, st) for p, st in o.state.items()]
+        names, slots, keys, objs = (list(c) for c in zip(*rows))
+        return names, slots, keys, objs, tensors, [t.data_ptr() for t in tensors]
+
+    def _still_bound(self) -> bool:
+        """Whether every object :meth:`_bind` recorded at the capture is still in its place, and every tensor
+        at its address; when one is not, warns with its name (the step is then captured again)."""
+        names, slots, keys, objs, tensors, ptrs = self.bindings
+        if all(map(operator.is_, map(dict.get, slots, keys), objs)) and \
+                list(map(torch.Tensor.data_ptr, tensors)) == ptrs:
+            return True
+        moved = {id(t) for t, p in zip(tensors, ptrs) if t.data_ptr() != p}
+        name = next(n for n, d, k, o in zip(names, slots, keys, objs) if d.get(k) is not o or id(o) in moved)
+        warnings.warn("CapturedStep: %s was replaced since the step was captured (a CUDA graph holds the old "
+                      "tensor's address); capturing the step again" % name, stacklevel=3)
+        return False
 
     def _save(self):
         """Copies of what the warm-up steps change: parameters and buffers, Adam's state (None for a parameter

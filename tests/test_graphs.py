@@ -195,20 +195,24 @@ def test_what_cannot_be_captured_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "cli").exists()
 
 
-def test_capture_branch_with_stand_ins_for_the_cuda_runtime(tmp_path, monkeypatch):
-    """The CUDA-only branch of CapturedStep — warm-up on its side stream, undo, capture, replay, a new
-    capture per epoch, the device guard — run on the CPU with torch.cuda's stream and graph API replaced by
-    stand-ins. Each stand-in checks its arguments against the real signature. A capture executes nothing
-    (the stand-in undoes what the captured code did, as a real capture never runs it); a replay reruns the
-    step on the static buffers into the captured outputs. The trajectory must be train_step's, bit for bit."""
+def _addresses(step):
+    """Where the tensors a CUDA graph of the step holds live: the model's parameters and buffers, Adam's state."""
+    net = T._unwrap(step.model)
+    return [t.data_ptr() for t in [*net.parameters(), *net.buffers()]] + [
+        v.data_ptr() for o in step.opt.opts for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+def _cuda_stand_ins(monkeypatch, holder, log):
+    """torch.cuda's stream and graph API replaced by stand-ins, each checked against the real signature. A
+    capture executes nothing (the stand-in undoes what the captured code did, as a real capture never runs
+    it) and notes the addresses of the tensors it was captured on; a replay asserts they are unchanged (a
+    real graph would go on using the old ones) and reruns the step on the static buffers into the captured
+    outputs."""
     import contextlib
     import inspect
 
-    cfg, data, model, opt = _setup(tmp_path, drop_last=False)
-    twin, twin_opt = _twin(model, cfg)
     monkeypatch.setattr(graphs, "unsupported", lambda *a, **k: None)
     monkeypatch.setattr(graphs, "_check_capturable", lambda opt: None)
-    log, holder = [], {}
 
     def checked(real, stand_in):
         def call(*a, **k):
@@ -224,6 +228,7 @@ def test_capture_branch_with_stand_ins_for_the_cuda_runtime(tmp_path, monkeypatc
         def replay(self):
             step = holder["step"]
             log.append("replay")
+            assert _addresses(step) == self.addresses, "a replay on tensors other than those captured"
             step.outputs.copy_(step._step(step.seed))
 
     @contextlib.contextmanager
@@ -233,6 +238,7 @@ def test_capture_branch_with_stand_ins_for_the_cuda_runtime(tmp_path, monkeypatc
         log.append("capture")
         yield
         holder["step"]._restore(saved)
+        g.addresses = _addresses(holder["step"])
 
     cuda = torch.cuda
     for name, stand_in in (("Stream", lambda device=None, priority=0: Stream()),
@@ -242,6 +248,16 @@ def test_capture_branch_with_stand_ins_for_the_cuda_runtime(tmp_path, monkeypatc
                            ("graph", graph)):
         monkeypatch.setattr(cuda, name, checked(getattr(cuda, name), stand_in))
     monkeypatch.setattr(cuda, "CUDAGraph", Graph)
+
+
+def test_capture_branch_with_stand_ins_for_the_cuda_runtime(tmp_path, monkeypatch):
+    """The CUDA-only branch of CapturedStep — warm-up on its side stream, undo, capture, replay, a new
+    capture per epoch, the device guard — run on the CPU with torch.cuda's stream and graph API replaced by
+    stand-ins (_cuda_stand_ins). The trajectory must be train_step's, bit for bit."""
+    cfg, data, model, opt = _setup(tmp_path, drop_last=False)
+    twin, twin_opt = _twin(model, cfg)
+    log, holder = [], {}
+    _cuda_stand_ins(monkeypatch, holder, log)
     step = holder["step"] = graphs.CapturedStep(twin, twin_opt, cfg, CPU, capture=True, warmup=2)
     for epoch in (1, 2):
         seed = T._epoch_seed(0, epoch, 1)
@@ -256,6 +272,68 @@ def test_capture_branch_with_stand_ins_for_the_cuda_runtime(tmp_path, monkeypatc
     assert (step.captures, step.replays, step.eager_steps) == (2, 10, 2)
     per_epoch = ["wait", "wait", "capture"] + ["replay"] * 5
     assert log == per_epoch * 2, log
+
+
+REPLACEMENTS = {
+    # p.data = ...: the same Parameter object, new memory (as model.to(...) does)
+    "param.data": lambda model, opt: setattr(next(model.parameters()), "data", next(model.parameters()).data.clone()),
+    # an optimizer's load_state_dict: new state dicts and tensors (a state_dict holds the live ones: a copy)
+    "adam": lambda model, opt: [o.load_state_dict(__import__("copy").deepcopy(o.state_dict())) for o in opt.opts],
+    # a buffer replaced in its module (module.name = tensor keeps it a buffer, persistent or not)
+    "buffer": lambda model, opt: setattr(model.encoders.audio.positions, "table",
+                                         model.encoders.audio.positions.table.clone()),
+}
+
+
+@pytest.mark.parametrize("how", sorted(REPLACEMENTS))
+def test_replaced_tensors_are_captured_again(tmp_path, monkeypatch, how):
+    """A graph holds the addresses it was captured on. When the model's parameters or buffers, or Adam's
+    state, are replaced between two steps (same values, new tensors), the next call must capture again, with
+    a warning, rather than replay onto the old memory (the stand-in replay asserts the addresses); the
+    trajectory stays train_step's, bit for bit."""
+    cfg, data, model, opt = _setup(tmp_path)
+    twin, twin_opt = _twin(model, cfg)
+    log, holder = [], {}
+    _cuda_stand_ins(monkeypatch, holder, log)
+    step = holder["step"] = graphs.CapturedStep(twin, twin_opt, cfg, CPU, capture=True, warmup=1)
+    seed = T._epoch_seed(0, 1, 1)
+    for i, batch in enumerate(T.batches(data.train, 16, shuffle=True, device=CPU, seed=1)):
+        if i == 2:
+            before = _addresses(step)
+            REPLACEMENTS[how](twin, twin_opt)
+            assert _addresses(step) != before  # the replacement did replace
+            with pytest.warns(UserWarning, match="was replaced since the step was captured"):
+                got = step(batch, seed)
+        else:
+            got = step(batch, seed)
+        want = T.train_step(model, opt, batch, cfg, seed, CPU)
+        for k in T.LOGGED:
+            assert torch.equal(got[k], want[k]), (i, k)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert step.captures == 2
+    assert log.count("capture") == 2 and log.index("capture", log.index("capture") + 1) > log.index("replay")
+
+
+def test_expected_uncaptured_adam_steps_do_not_warn():
+    """torch's Adam(capturable=True) warns once per optimizer when it steps outside a capture; the warm-up
+    steps and the eager steps of another batch shape do so by design, and CapturedStep hides exactly that
+    warning. The filter's text must still be the one torch warns with."""
+    import inspect
+    import warnings
+
+    import torch.optim.optimizer as optimizer
+
+    assert graphs._ADAM_UNCAPTURED in inspect.getsource(optimizer)
+    torch_text = (graphs._ADAM_UNCAPTURED + " or some of all the param_groups came with capturable=True, but "
+                  "step() is running without CUDA graph capture.")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with graphs._uncaptured_steps_expected():
+            warnings.warn(torch_text, UserWarning)
+            warnings.warn("another warning", UserWarning)
+        warnings.warn(torch_text, UserWarning)
+    assert [str(w.message) for w in seen] == ["another warning", torch_text]
 
 
 def test_a_failed_warmup_leaves_the_model_as_it_was(tmp_path, monkeypatch):
