@@ -121,7 +121,7 @@ class CapturedStep:
         self.graph = None
         self.seed: Optional[int] = None
         self.outputs: Optional[torch.Tensor] = None
-        self.bindings: Tuple[list, ...] = ()  # what the graph holds by address (see _bind)
+        self.bindings: Tuple[list, ...] = ()  # what the graph holds by address or has frozen (see _bind)
         # One side stream for every warm-up and capture. cuBLAS keeps a workspace per (handle, stream),
         # allocated on first use and never freed: warming up on the stream that then captures creates them
         # outside the graph's pool (a workspace made during capture would pin the pool after the graph is
@@ -208,11 +208,12 @@ class CapturedStep:
 
     # -- what a graph holds by address ------------------------------------------------------------------------
     def _bind(self) -> Tuple[list, ...]:
-        """What a replay reads or writes outside the graph's pool and code outside this class may replace: the
-        model's parameters and buffers (each in its module's dict, and at its address) and each Adam's state
-        (its state dict, param_groups and each parameter's state dict: what ``load_state_dict`` replaces).
-        Columns (names, containers, keys, objects, tensors, addresses), so that :meth:`_still_bound` checks
-        them in C loops (map), not a Python one."""
+        """What a replay reads or writes outside the graph's pool and code outside this class may replace or
+        change: the model's parameters and buffers (each in its module's dict, and at its address) and each
+        Adam's state (its state dict, param_groups, each parameter's state dict and the tensors in it) and
+        hyper-parameters (lr, betas, eps, weight decay, ...: Python numbers a replay has frozen, so a changed lr
+        would otherwise be ignored). Columns (names, containers, keys, objects, tensors, addresses,
+        hyper-parameters), so that :meth:`_still_bound` checks them in C loops (map), not a Python one."""
         net = train_lib._unwrap(self.model)
         rows = []
         for mod_name, mod in net.named_modules():
@@ -223,21 +224,39 @@ class CapturedStep:
         for i, o in enumerate(self.opt.opts):
             name = "optimizer %d's state" % i
             rows += [(name, vars(o), "state", o.state), (name, vars(o), "param_groups", o.param_groups)]
-            rows += [(name, o.state, p, st) for p, st in o.state.items()]
+            for p, st in o.state.items():
+                rows += [(name, o.state, p, st)] + [(name, st, k, v) for k, v in st.items() if torch.is_tensor(v)]
         names, slots, keys, objs = (list(c) for c in zip(*rows))
-        return names, slots, keys, objs, tensors, [t.data_ptr() for t in tensors]
+        return names, slots, keys, objs, tensors, [t.data_ptr() for t in tensors], self._hyper()
+
+    def _hyper(self) -> Tuple[list, list]:
+        """Every optimizer's hyper-parameters, group by group, as plain Python values, tensors by identity (a
+        replay reads a tensor's memory, so an in-place change reaches it; ``==`` on tensors would compare
+        values and read them on the host); and those tensors, kept alive so that their ids stay theirs."""
+        keep = []
+
+        def key(v):
+            if torch.is_tensor(v):
+                keep.append(v)
+                return ("tensor", id(v))
+            return tuple(map(key, v)) if isinstance(v, (tuple, list)) else v
+
+        return [[(k, key(v)) for k, v in g.items() if k != "params"]
+                for o in self.opt.opts for g in o.param_groups], keep
 
     def _still_bound(self) -> bool:
-        """Whether every object :meth:`_bind` recorded at the capture is still in its place, and every tensor
-        at its address; when one is not, warns with its name (the step is then captured again)."""
-        names, slots, keys, objs, tensors, ptrs = self.bindings
+        """Whether every object :meth:`_bind` recorded at the capture is still in its place, every tensor at its
+        address and every hyper-parameter unchanged; when one is not, warns with its name (the step is then
+        captured again)."""
+        names, slots, keys, objs, tensors, ptrs, hyper = self.bindings
         if all(map(operator.is_, map(dict.get, slots, keys), objs)) and \
-                list(map(torch.Tensor.data_ptr, tensors)) == ptrs:
+                list(map(torch.Tensor.data_ptr, tensors)) == ptrs and self._hyper()[0] == hyper[0]:
             return True
         moved = {id(t) for t, p in zip(tensors, ptrs) if t.data_ptr() != p}
-        name = next(n for n, d, k, o in zip(names, slots, keys, objs) if d.get(k) is not o or id(o) in moved)
-        warnings.warn("CapturedStep: %s was replaced since the step was captured (a CUDA graph holds the old "
-                      "tensor's address); capturing the step again" % name, stacklevel=3)
+        name = next((n for n, d, k, o in zip(names, slots, keys, objs) if d.get(k) is not o or id(o) in moved),
+                    "an optimizer's hyper-parameters (lr, betas, ...)")
+        warnings.warn("CapturedStep: %s changed since the step was captured (a CUDA graph holds the old tensors' "
+                      "addresses and the old Python numbers); capturing the step again" % name, stacklevel=3)
         return False
 
     def _save(self):

@@ -159,14 +159,14 @@ def _tiny_training(tmp_path, **kw):
     return T.TrainConfig(out=str(tmp_path / "run"), **{**opts, **kw})
 
 
+# Five, to fit gpu_check.sh's time box: the default run (backend auto = cuda on a GPU, fused Adam), torch's
+# default Adam, bf16 autocast, the Triton kernels (with drop_last: no eager batch) and the reference ops.
 CAPTURED_VARIANTS = {
-    "fused-adam": dict(adam="fused"),
+    "default": dict(),
     "default-adam": dict(adam="default"),
     "bf16": dict(amp="bf16"),
-    "triton": dict(backend="triton"),
-    "cuda": dict(backend="cuda"),
+    "triton-drop-last": dict(backend="triton", drop_last=True),
     "torch-ops": dict(backend="torch"),
-    "drop-last": dict(drop_last=True),
 }
 
 
@@ -249,12 +249,12 @@ def test_a_replaced_parameter_is_captured_again_not_replayed_stale(tmp_path):
         if i == 2:
             p = next(twin.parameters())
             p.data = p.data.clone()
-            with pytest.warns(UserWarning, match="was replaced since the step was captured"):
+            with pytest.warns(UserWarning, match="changed since the step was captured"):
                 got = step(batch, seed)
         elif i == 3:
             for o in twin_opt.opts:
                 o.load_state_dict(copy.deepcopy(o.state_dict()))
-            with pytest.warns(UserWarning, match="optimizer 0's state was replaced"):
+            with pytest.warns(UserWarning, match="optimizer 0's state changed"):
                 got = step(batch, seed)
         else:
             got = step(batch, seed)

@@ -279,6 +279,11 @@ REPLACEMENTS = {
     "param.data": lambda model, opt: setattr(next(model.parameters()), "data", next(model.parameters()).data.clone()),
     # an optimizer's load_state_dict: new state dicts and tensors (a state_dict holds the live ones: a copy)
     "adam": lambda model, opt: [o.load_state_dict(__import__("copy").deepcopy(o.state_dict())) for o in opt.opts],
+    # one tensor of Adam's state replaced in its dict
+    "adam-tensor": lambda model, opt: [st.__setitem__("exp_avg", st["exp_avg"].clone())
+                                       for st in list(opt.opts[-1].state.values())[:1]],
+    # a hyper-parameter changed (a learning-rate schedule): a replay has the old value frozen in
+    "lr": lambda model, opt: [g.__setitem__("lr", g["lr"] * 0.5) for o in opt.opts for g in o.param_groups],
     # a buffer replaced in its module (module.name = tensor keeps it a buffer, persistent or not)
     "buffer": lambda model, opt: setattr(model.encoders.audio.positions, "table",
                                          model.encoders.audio.positions.table.clone()),
@@ -287,10 +292,12 @@ REPLACEMENTS = {
 
 @pytest.mark.parametrize("how", sorted(REPLACEMENTS))
 def test_replaced_tensors_are_captured_again(tmp_path, monkeypatch, how):
-    """A graph holds the addresses it was captured on. When the model's parameters or buffers, or Adam's
-    state, are replaced between two steps (same values, new tensors), the next call must capture again, with
-    a warning, rather than replay onto the old memory (the stand-in replay asserts the addresses); the
-    trajectory stays train_step's, bit for bit."""
+    """A graph holds the addresses it was captured on and the Python numbers it was captured with. When the
+    model's parameters or buffers, or Adam's state, are replaced between two steps (same values, new
+    tensors), or Adam's learning rate changes (in both runs), the next call must capture again, with a
+    warning, rather than replay onto the old memory or with the old rate (the stand-in replay asserts the
+    addresses and reruns the step with the current rate, as a new capture would); the trajectory stays
+    train_step's, bit for bit."""
     cfg, data, model, opt = _setup(tmp_path)
     twin, twin_opt = _twin(model, cfg)
     log, holder = [], {}
@@ -301,8 +308,11 @@ def test_replaced_tensors_are_captured_again(tmp_path, monkeypatch, how):
         if i == 2:
             before = _addresses(step)
             REPLACEMENTS[how](twin, twin_opt)
-            assert _addresses(step) != before  # the replacement did replace
-            with pytest.warns(UserWarning, match="was replaced since the step was captured"):
+            if how == "lr":
+                REPLACEMENTS[how](model, opt)
+            else:
+                assert _addresses(step) != before  # the replacement did replace
+            with pytest.warns(UserWarning, match="changed since the step was captured"):
                 got = step(batch, seed)
         else:
             got = step(batch, seed)
