@@ -10,6 +10,7 @@
 // is called directly by mim_fast.dropout's eager common call; compiled and exported graphs use the
 // Python op mim_fast::dropout around it.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -22,6 +23,19 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Opt = c10::optional<Tensor>;
+
+// backward(create_graph=True) (grad mode on while a backward runs) raises: the fused backward ops have no
+// derivative of their own, and the gradients they return, computed from saved outputs, would pass for
+// constants, so a second derivative through them would be silently missing (autograd.grad of a sum that
+// also holds other terms would return those alone). torch.compile's own backward refuses double backward
+// the same way; aot_autograd traces backwards with create_graph=False, so compiling is not affected. The
+// Triton ops' Python autograd (mim_fast/ops/) does the same.
+void check_no_create_graph(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "mim_fast.", op,
+              ": backward with create_graph=True is not supported: the fused backward has no derivative of its "
+              "own, so a second derivative through it would be missing. Use backend='torch' (the reference) for "
+              "higher-order gradients");
+}
 
 // ---------------------------------------------------------------------------------------------------
 // purify_gate_forward: outputs (pooled, penalty, gate, ste, dq, inv_count); gradients for x and logits.
@@ -62,7 +76,13 @@ class PurifyGate : public torch::autograd::Function<PurifyGate> {
         pen_shift);
     ctx->save_for_backward({x, gate, ste, dq, inv_count, lengths.value_or(Tensor())});
     ctx->saved_data["activation"] = std::string(activation);
-    ctx->mark_non_differentiable({gate, ste, dq, inv_count});
+    // The penalty depends on the logits alone: with logits that need no gradient it needs none either (as in
+    // the reference), so that penalty.backward() then raises instead of writing zeros into x.grad.
+    if (logits.requires_grad()) {
+      ctx->mark_non_differentiable({gate, ste, dq, inv_count});
+    } else {
+      ctx->mark_non_differentiable({penalty, gate, ste, dq, inv_count});
+    }
     // Gradients of unused outputs arrive undefined instead of as zero tensors the engine would allocate and
     // fill on every backward: the four non-differentiable outputs never get one, and that was four
     // allocations per call at MIM's size. backward() makes the two it reads when they are missing.
@@ -76,6 +96,7 @@ class PurifyGate : public torch::autograd::Function<PurifyGate> {
                          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                            const Tensor&, const Tensor&, const Tensor&, const Opt&,
                                                            c10::string_view, bool)>();
+    check_no_create_graph("purify_gate");
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &gate = saved[1], &ste = saved[2], &dq = saved[3], &inv_count = saved[4];
     const Opt lengths = saved[5].defined() ? Opt(saved[5]) : Opt();
@@ -84,10 +105,17 @@ class PurifyGate : public torch::autograd::Function<PurifyGate> {
     if ((!needs_x && !needs_logits) || (!grads[0].defined() && !grads[1].defined())) return out;
     // ∂L/∂x only when x needs it: MIM's mask-learner update differentiates w.r.t. the logits alone, and
     // not writing ∂L/∂x saves a third of the backward's memory traffic.
+    if (!grads[0].defined()) {
+      // Only the penalty reached the loss: x gets no gradient (none flows from the penalty to it) and the
+      // logits get ∂L/∂P·dq/n, the kernels' formula without its ste·Σ_d term, which is ste·0 here. No
+      // feature pass: x is not read, so a NaN or inf feature cannot turn ste·0 into NaN where the reference
+      // (autograd of the penalty alone) never looks at x.
+      if (needs_logits) out[1] = dq.mul(grads[1].to(dq.scalar_type()).mul(inv_count));
+      return out;
+    }
     const std::string activation = ctx->saved_data["activation"].toStringRef();
-    // (only one of pooled and penalty reached the loss: the other's gradient is zero)
-    const Tensor grad_pooled =
-        grads[0].defined() ? grads[0] : at::zeros_symint({x.sym_size(1), x.sym_size(2)}, x.options());
+    // (only pooled reached the loss: the penalty's gradient is zero)
+    const Tensor& grad_pooled = grads[0];
     const Tensor grad_penalty = grads[1].defined() ? grads[1] : at::zeros({}, gate.options());
     auto [grad_x, grad_logits] =
         op.call(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengths, activation, needs_x);
@@ -144,6 +172,7 @@ class KgsLoss : public torch::autograd::Function<KgsLoss> {
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
                              const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&,
                              at::ArrayRef<double>, at::ScalarType, at::ScalarType, at::ScalarType)>();
+    check_no_create_graph("kgs_loss");
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &saved_preds = saved[0], &saved_h = saved[1];
     const bool need[4] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
@@ -244,6 +273,13 @@ TORCH_LIBRARY_IMPL(mim_fast, Autograd, m) {
   m.impl("dropout_apply", &dropout_apply_autograd);
   m.impl("purify_gate_forward", &purify_gate_forward_autograd);
   m.impl("kgs_loss_forward", &kgs_loss_forward_autograd);
+  // The backward ops have no derivative of their own: called directly with inputs that need a gradient,
+  // differentiating through one raises "the derivative ... is not implemented", instead of the dispatcher's
+  // default for an op without an autograd kernel (a warning and a silently missing second derivative).
+  // (The Triton backward ops are torch.library.custom_op, which raise likewise.)
+  m.impl("purify_gate_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("kgs_loss_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("kgs_loss_heads_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace mim_fast

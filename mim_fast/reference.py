@@ -270,9 +270,9 @@ def purify_gate(
     NaN policy (every backend): values propagate as SPEC §1's formulas compute them. A NaN logit or
     noise at a valid step makes c, hence the gate z, NaN: ``gate`` is NaN there and the sample's
     ``pooled`` is NaN in every feature (y = x·z); a NaN/±inf feature gives NaN through x·0 at a closed
-    step. Gradients are autograd's of those formulas, with torch.clamp's convention that the clamp's
-    indicator selects: a clamped step passes no gradient to its logit even when ∂L/∂c is NaN. Padding
-    is never read (see above), whatever it holds.
+    step. Gradients are autograd's of those formulas; the clamp passes gradient on the closed interval
+    0 ≤ s̄ ≤ 1 (SPEC §1) and selects rather than multiplies: a clamped step passes no gradient to its logit
+    even when ∂L/∂c is NaN. Padding is never read (see above), whatever it holds.
     """
     xs = x.transpose(0, 1) if batch_first else x  # (T, B, D) view, no copy
     T, B, _ = xs.shape
@@ -305,7 +305,11 @@ def purify_gate(
     else:
         s = sigmoid(a)
     s_bar = (zeta - gamma) * s + gamma
-    c = torch.clamp(s_bar, 0.0, 1.0)
+    # SPEC §1: the clamp passes gradient on the closed interval 0 ≤ s̄ ≤ 1, as the kernels do. Not torch.clamp's
+    # own backward: its indicator at the bounds has changed between releases (torch 2.14 passes none at
+    # s̄ = 0 or 1). The value is clamp's; where s̄ is outside [0, 1] (or NaN) the detached clamp passes none.
+    inside = (s_bar >= 0.0) & (s_bar <= 1.0)
+    c = torch.where(inside, s_bar, torch.clamp(s_bar.detach(), 0.0, 1.0))
     # z's forward value: 0 or 1, and NaN where c is NaN (a NaN logit or noise), as c + sg(h − c) computes it
     h = torch.where(torch.isnan(c), c, (c > const(threshold)).to(acc))
     # Straight-through estimator written as h + (c − sg(c)): the forward value is exactly h (c − c is
@@ -314,7 +318,9 @@ def purify_gate(
 
     q = sigmoid(a - beta * penalty_log_ratio(penalty, gamma, zeta, threshold))
     if lengths is None:
-        P = q.sum() / const(B * T)  # = q.mean(), whose backward would divide by a host scalar
+        # = q.mean(), whose backward would divide by a host scalar; an empty batch (B = 0) averages over no
+        # step: 0, as with lengths all 0, not 0/0
+        P = q.sum() / const(max(B * T, 1))
         denom = const(T)
         y = xs.to(acc) * z.t().unsqueeze(-1)  # (T, B, D)
     else:

@@ -1086,3 +1086,27 @@ def test_empty_batch_gives_zero_terms(backend, reduction):
         assert o.teacher.shape == (0,) and o.teacher.dtype == torch.int64 and o.alpha.shape == (M, 0)
     (out.loss.sum() + out.inter.sum()).backward()
     assert yk.grad.shape == yk.shape and h.grad.shape == h.shape
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("heads", [False, True], ids=["kgs_loss", "with_heads"])
+def test_create_graph_raises(backend, heads):
+    """backward(create_graph=True) through the op raises: the fused backward has no derivative of its own,
+    and the gradients it returns (computed from saved outputs) would pass for constants, so a second
+    derivative would be silently missing. A plain backward is unaffected."""
+    if heads and backend == "cuda":
+        pytest.skip("kgs_loss_with_heads runs through Triton on CUDA")
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    for create_graph in (True, False):
+        if heads:
+            ins = [t.to(dev).requires_grad_() for t in make_head_inputs(3, 4, 6)]
+            out = mim_fast.kgs_loss_with_heads(*ins, backend=backend)
+        else:
+            ins = [t.to(dev, torch.float32).requires_grad_() for t in make_inputs(3, 4, 6)]
+            out = mim_fast.kgs_loss(*ins, backend=backend)
+        if create_graph:
+            with pytest.raises(RuntimeError, match="create_graph=True is not supported.*backend='torch'"):
+                torch.autograd.grad(out.loss, ins[0], create_graph=True)
+        else:
+            torch.autograd.grad(out.loss, ins[0])

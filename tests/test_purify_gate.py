@@ -287,6 +287,13 @@ def _bad_calls():
         (dict(x=x, logits=g, threshold=1.0), ValueError, "threshold must be"),
         (dict(x=x, logits=g, zeta=0.5, threshold=0.6), ValueError, "gamma < threshold < zeta"),
         (dict(x=x, logits=g, loc_bias=float("nan")), ValueError, "loc_bias must be a finite number"),
+        # finite, but not in float32, the kernels' compute type (the reference raises or computes NaN)
+        (dict(x=x, logits=g, beta=1e300), ValueError, "beta must lie within float32's range"),
+        (dict(x=x, logits=g, beta=1e-300), ValueError, "beta must be >= "),
+        (dict(x=x, logits=g, zeta=1e300), ValueError, "zeta must lie within float32's range"),
+        (dict(x=x, logits=g, gamma=-1e300), ValueError, "gamma must lie within float32's range"),
+        (dict(x=x, logits=g, loc_bias=-1e39), ValueError, "loc_bias must lie within float32's range"),
+        (dict(x=x, logits=g, gamma=-3e38, zeta=3e38), ValueError, "zeta - gamma must lie within float32's range"),
         (dict(x=x, logits=g, noise=torch.rand(3, 5), seed=1), ValueError, "either noise or seed"),
         (dict(x=x, logits=g, noise=torch.rand(5, 3)), ValueError, r"noise must have shape \(3, 5\)"),
         (dict(x=x, logits=g, noise=torch.zeros(3, 5)), ValueError, r"noise must lie in the open interval"),
@@ -326,7 +333,8 @@ def _common_and_odd_calls():
              dict(x=torch.nn.Parameter(x), seed=10), dict(x=torch.randn(5, 0, 4), logits=torch.randn(0, 5), seed=1),
              dict(noise=nan_u), dict(seed=True), dict(offset=2**63 - 15), dict(offset=2**63 - 14), dict(offset=True),
              dict(batch_first=0), dict(backend=3), dict(backend="triton"), dict(seed=2**63), dict(noise=u, seed=None),
-             dict(logits=g[:, :4]), dict(noise=u[:2]), dict(noise=u.long()), dict(beta=True)]
+             dict(logits=g[:, :4]), dict(noise=u[:2]), dict(noise=u.long()), dict(beta=True),
+             dict(noise=u.clone().requires_grad_())]
     calls += [kw for kw, _, _ in _bad_calls()]
     return [dict(dict(x=x, logits=g), **kw) for kw in calls]
 
@@ -602,7 +610,7 @@ def test_fused_backend_only_penalty_or_only_pooled_used(backend):
     x, logits, _, _ = make_inputs(5, 2, 7, dtype=torch.float32)
     x, logits = x.to(dev).requires_grad_(), logits.to(dev).requires_grad_()
     mim_fast.purify_gate(x, logits, seed=1, backend=backend).penalty.backward()
-    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert x.grad is None  # no gradient flows from the penalty to x (as in the reference)
     ref = logits.grad.clone()
     logits.grad = None
     l2 = logits.detach().clone().requires_grad_()
@@ -984,3 +992,123 @@ def test_common_call_goes_through_the_dispatcher(batch_first, monkeypatch):
         results.append(tuple(out) + (xl.grad, gl.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Found by a differential fuzzer (fast path vs full path vs reference), 2026-12-07.
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_clamp_passes_gradient_at_its_bounds(backend):
+    """SPEC §1: ∂L/∂s̄ = ∂L/∂c·1[0 ≤ s̄ ≤ 1], the closed interval, on every backend and in the reference
+    (torch.clamp's own backward passes none at the bounds in torch 2.14). s̄ = 0 exactly: gamma = −1, zeta = 1,
+    a = 0 in mode "expected" (s = 1/2): ∂L/∂g = (ζ−γ)·s(1−s)·Σ_d G·x/T, not 0. s̄ = 1 exactly (a saturated
+    gate, s = 1) with an inf feature: ∂L/∂g = (ζ−γ)·0·inf = NaN, as the formula computes it."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    T, B, D = 4, 3, 6
+    x = torch.randn(T, B, D, device=dev)
+    G = torch.randn(B, D, device=dev)
+    opts = dict(mode="expected", activation="identity", gamma=-1.0, zeta=1.0, threshold=0.6, loc_bias=3.0)
+    logits = torch.full((B, T), -3.0, device=dev)  # a = 0: s = 1/2, s̄ = 0, c = 0, the gate closed
+    out, _, gl = _grads_of(backend, x, logits, G=G, w=0.0, **opts)
+    assert out.gate.eq(0).all()
+    want = 0.5 * torch.einsum("bd,tbd->bt", G.double(), x.double()) / T  # 2·(1/4)·Σ_d G·x/T
+    torch.testing.assert_close(gl.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-6)
+    assert gl.abs().min() > 0
+    x[1, 0, 2] = float("inf")
+    logits = torch.full((B, T), -3.0, device=dev)
+    logits[0, 1] = 60.0  # s = 1 (exactly, in float32 and float64), s̄ = 1: open, on the upper bound
+    out, _, gl = _grads_of(backend, x, logits, G=G, w=0.0, **opts)
+    assert float(out.gate[0, 1]) == 1.0 and torch.isnan(gl[0, 1]) and not torch.isnan(gl[0, [0, 2, 3]]).any()
+    ref, _, rgl = _grads_of("torch", x.cpu(), logits.cpu(), G=G.cpu(), w=0.0, **opts)
+    _same(gl, rgl, "dlogits")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("bad", [NAN, float("inf")])
+def test_penalty_alone_never_reads_x(backend, bad):
+    """A backward of the penalty alone: the logits get ∂L/∂P·q(1−q)/n, as the reference's autograd gives,
+    even where x holds NaN or inf (the feature pass, whose ste·Σ_d 0·x would be NaN there, is skipped), and
+    x gets no gradient at all (None, not zeros)."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    x = torch.randn(4, 2, 5, device=dev)
+    x[1, 0, 3] = bad
+    logits = (torch.randn(2, 4, device=dev) * 2 - 3)
+    got = []
+    for b in (backend, "torch"):
+        xg, lg = x.clone().requires_grad_(), logits.clone().requires_grad_()
+        mim_fast.purify_gate(xg, lg, seed=5, backend=b).penalty.backward(torch.tensor(0.7, device=dev))
+        assert xg.grad is None
+        got.append(lg.grad)
+    assert torch.isfinite(got[0]).all()
+    torch.testing.assert_close(got[0], got[1], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_outputs_require_grad_as_in_the_reference(backend):
+    """Which outputs need a gradient depends on which inputs do, as in the reference: the penalty only on
+    the logits (with x alone requiring grad, penalty.backward() raises rather than writing zeros into
+    x.grad); noise is a constant (requiring grad, it makes no output require one)."""
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    x, logits = torch.randn(4, 2, 5, device=dev), torch.randn(2, 4, device=dev)
+    noise = torch.rand(2, 4, device=dev).clamp(0.01, 0.99)
+    out = mim_fast.purify_gate(x.requires_grad_(), logits, noise=noise, backend=backend)
+    assert out.pooled.requires_grad and not out.penalty.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.penalty.backward()
+    assert x.grad is None
+    out = mim_fast.purify_gate(x.detach(), logits, noise=noise.requires_grad_(), backend=backend)
+    assert not out.pooled.requires_grad and not out.penalty.requires_grad and noise.grad is None
+    out = mim_fast.purify_gate(x.detach(), logits.requires_grad_(), noise=noise, backend=backend)
+    assert out.pooled.requires_grad and out.penalty.requires_grad
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_create_graph_raises(backend):
+    """backward(create_graph=True) through the op raises: the fused backward has no derivative of its own,
+    so a second derivative would be silently missing (None, or absent from a sum of terms); the reference,
+    autograd's, has one. A plain backward is unaffected."""
+    _skip_unless_available(backend)
+    dev = DEVICE[backend]
+    for requires in ("x", "logits"):
+        x = torch.randn(5, 3, 4, device=dev, requires_grad=requires == "x")
+        logits = torch.randn(3, 5, device=dev, requires_grad=requires == "logits")
+        out = mim_fast.purify_gate(x, logits, seed=1, backend=backend)
+        with pytest.raises(RuntimeError, match="create_graph=True is not supported.*backend='torch'"):
+            torch.autograd.grad(out.pooled.sum() + out.penalty, x if requires == "x" else logits, create_graph=True)
+        out = mim_fast.purify_gate(x, logits, seed=1, backend=backend)
+        torch.autograd.grad(out.pooled.sum() + out.penalty, x if requires == "x" else logits)
+    ref = reference.purify_gate(x, logits, seed=1)
+    g, = torch.autograd.grad(ref.pooled.sum(), logits, create_graph=True)
+    assert g.requires_grad  # the reference does differentiate twice
+
+
+def test_a_torch_function_mode_sees_the_op_on_the_common_path():
+    """A TorchFunctionMode (a tracer, a logger) sees only torch.ops calls: with one active, the eager common
+    call hands over to the full path, whose op call it sees."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, g = torch.randn(5, 3, 4), torch.randn(3, 5)
+    with Seen() as mode:
+        out = mim_fast.purify_gate(x, g, seed=1)
+    assert any("purify_gate" in f for f in mode.funcs), mode.funcs
+    assert torch.equal(out.pooled, mim_fast.purify_gate(x, g, seed=1).pooled)
+
+
+def test_reference_empty_batch_penalty_is_zero():
+    """The reference, as the op: B = 0 averages the penalty over no step, 0 (it was 0/0 = NaN)."""
+    out = reference.purify_gate(torch.randn(5, 0, 3), torch.randn(0, 5), seed=1)
+    assert float(out.penalty) == 0.0 and out.pooled.shape == (0, 3)

@@ -100,3 +100,14 @@ def in_open_unit_interval(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)  # one pass; NaN: both NaN, and NaN fails the comparisons
     return lo.item() > 0 and hi.item() < 1
+
+
+def no_create_graph(op: str) -> None:
+    """Raise when a fused op's backward runs under backward(create_graph=True) (grad mode on inside a
+    backward): the fused backward has no derivative of its own, and the gradients it returns would pass for
+    constants, so a second derivative through them would be silently missing. Mirrors
+    csrc/autograd.cpp's check for the C++ ops; torch.compile's traced backwards run with grad mode off."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("mim_fast.%s: backward with create_graph=True is not supported: the fused backward has no "
+                           "derivative of its own, so a second derivative through it would be missing. Use "
+                           "backend='torch' (the reference) for higher-order gradients" % op)

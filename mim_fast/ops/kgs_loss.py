@@ -63,7 +63,8 @@ def kgs_loss(
     per-sample routing compares the same rounded errors, so it is identical; batch means are summed in
     float64 (the reference sums in float32), so only a near-tie of two batch means could route
     differently. The saved ∂inter/∂h has h's dtype (float16/bfloat16 h: one extra rounding of ∂L/∂h,
-    ≤ 1 ulp). Double backward (create_graph=True) is not supported by the fused backends.
+    ≤ 1 ulp). The fused backends have no second derivative: a backward with create_graph=True through them
+    raises (use backend="torch" for higher-order gradients).
     """
     _checks.float_tensor("yk", yk, ndim=2, layout="(M, B)")
     M, B = yk.shape
@@ -176,6 +177,7 @@ def _register_autograd(forward_name: str, backward_op) -> None:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked, *_):
+        _checks.no_create_graph("kgs_loss")
         saved_preds, saved_h = ctx.saved_tensors
         need = ctx.needs_input_grad
         if (any(need[:3]) and saved_preds.numel() == 0) or (need[3] and saved_h.numel() == 0):
@@ -368,6 +370,7 @@ def _register_heads_autograd(forward_name: str, backward_op) -> None:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked, *_):
+        _checks.no_create_graph("kgs_loss_with_heads")
         saved_preds, saved_h, h_masked, h_unmasked, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         if (any(need[:5]) and saved_preds.numel() == 0) or (need[0] and saved_h.numel() == 0):

@@ -66,7 +66,10 @@ def purify_gate(
     The gate is deterministic given (logits, noise) or (logits, seed, offset). NaN policy, the same on
     every backend: a NaN logit (or noise) at a valid step makes that step's gate NaN and the sample's
     pooled NaN; a NaN/±inf feature reaches pooled through x·z even at a closed step; the clamp passes no
-    gradient where it is active (so no NaN·0); padding is never read. See mim_fast.reference.purify_gate.
+    gradient where it is active, outside 0 ≤ s̄ ≤ 1 (so no NaN·0); padding is never read. See
+    mim_fast.reference.purify_gate. A backward of the penalty alone gives x no gradient and never reads it;
+    the penalty needs a gradient only when the logits do; noise is a constant. The fused backends have no
+    second derivative: a backward with create_graph=True through them raises (use backend="torch").
     """
     if not torch.compiler.is_compiling():
         out = _common_call(x, logits, noise, seed, offset, mode, activation, penalty, lengths, batch_first, beta,
@@ -91,6 +94,7 @@ def purify_gate(
         raise ValueError("pass either noise or seed (with offset), not both")
     if noise is not None:
         _checks.float_tensor("noise", noise, ndim=2, layout="(B, T)")
+        noise = noise.detach()  # a constant, as in the reference: no gradient, and no output requires one for it
         _checks.same_shape("noise", noise, (B, T), "(B, T) to match logits")
         _checks.same_device("x", x, noise=noise)
         if _checks.can_inspect_values(noise):
@@ -138,6 +142,7 @@ def purify_gate(
 
 
 _FLOATS = frozenset(_checks.FLOAT_DTYPES)
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
 _Tensor = torch.Tensor
 _MAX_INDEX = 2**63
 
@@ -155,7 +160,8 @@ def _common_call(x, logits, noise, seed, offset, mode, activation, penalty, leng
     checks that both paths agree on which calls they accept and on what they return."""
     if (type(x) is not _Tensor or type(logits) is not _Tensor or lengths is not None or type(batch_first) is not bool
             or type(offset) is not int or (seed is not None and (noise is not None or type(seed) is not int))
-            or (noise is not None and type(noise) is not _Tensor) or type(backend) is not str):
+            or (noise is not None and (type(noise) is not _Tensor or noise.requires_grad)) or type(backend) is not str
+            or _function_mode_enabled()):  # a TorchFunctionMode sees the op only through torch.ops: the full path
         return None
     shape = x.shape
     if len(shape) != 3:
@@ -218,7 +224,22 @@ def _options(mode, activation, penalty, beta, gamma, zeta, loc_bias, threshold) 
     if not gamma < threshold < zeta:
         raise ValueError("threshold must satisfy gamma < threshold < zeta; got gamma=%g, threshold=%g, zeta=%g"
                          % (gamma, threshold, zeta))
+    # The kernels compute in float32 (float64 only for float64 inputs): a value float32 cannot hold would turn
+    # into inf or 0 there, a gate of another meaning (the reference raises or gives NaN instead).
+    for name, v in (("beta", beta), ("gamma", gamma), ("zeta", zeta), ("loc_bias", loc_bias),
+                    ("zeta - gamma", zeta - gamma), ("the penalty's shift beta·log(−gamma/zeta)",
+                                                     _pen_shift(penalty, beta, gamma, zeta, threshold))):
+        if not abs(v) <= _F32_MAX:
+            raise ValueError("%s must lie within float32's range (|value| <= %.4g), the kernels' compute type; "
+                             "got %r" % (name, _F32_MAX, v))
+    if beta < _F32_TINY:
+        raise ValueError("beta must be >= %.4g (the smallest normal float32: the kernels divide by it in "
+                         "float32); got %r" % (_F32_TINY, beta))
     return beta, gamma, zeta, loc_bias, threshold
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,17 +282,22 @@ def _backward_fake(grad_pooled, grad_penalty, x, gate, ste, dq, inv_count, lengt
 
 def _register_autograd(forward_name: str, backward_op) -> None:
     def setup_context(ctx, inputs, output):
-        x, lengths, activation = inputs[0], inputs[3], inputs[7]
-        _, _, gate, ste, dq, inv_count = output
+        x, logits, lengths, activation = inputs[0], inputs[1], inputs[3], inputs[7]
+        _, penalty, gate, ste, dq, inv_count = output
         ctx.save_for_backward(x, gate, ste, dq, inv_count, lengths)
         ctx.activation = activation
-        ctx.mark_non_differentiable(gate, ste, dq, inv_count)
+        # as csrc/autograd.cpp: the penalty needs a gradient only when the logits do
+        ctx.mark_non_differentiable(gate, ste, dq, inv_count, *(() if logits.requires_grad else (penalty,)))
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_pooled, grad_penalty, *_):
+        _checks.no_create_graph("purify_gate")
         x, gate, ste, dq, inv_count, lengths = ctx.saved_tensors
-        T, B, D = x.shape
-        if grad_pooled is None:
-            grad_pooled = x.new_zeros((B, D))
+        if grad_pooled is None and grad_penalty is None:
+            return (None,) * 14
+        if grad_pooled is None:  # only the penalty reached the loss (csrc/autograd.cpp: no feature pass)
+            grad_logits = dq * (grad_penalty.to(dq.dtype) * inv_count) if ctx.needs_input_grad[1] else None
+            return (None, grad_logits) + (None,) * 12
         if grad_penalty is None:
             grad_penalty = gate.new_zeros(())
         # ∂L/∂x only when x needs it: MIM's mask-learner update differentiates w.r.t. the logits alone, and
