@@ -159,7 +159,16 @@ class KgsLoss : public torch::autograd::Function<KgsLoss> {
     ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(yk.scalar_type()),
                                                      static_cast<int64_t>(yu.scalar_type()),
                                                      static_cast<int64_t>(y.scalar_type())};
-    ctx->mark_non_differentiable({teacher, alpha, saved_preds, saved_h});
+    // A term needs a gradient only when an input it depends on does, as in the reference: intra on yk and
+    // yu, inter on h, masked on yk and y, unmasked on yu and y (so that intra.backward() with only h
+    // trainable raises instead of silently doing nothing).
+    const bool r_yk = yk.requires_grad(), r_yu = yu.requires_grad(), r_y = y.requires_grad(), r_h = h.requires_grad();
+    variable_list constant{teacher, alpha, saved_preds, saved_h};
+    if (!r_yk && !r_yu) constant.push_back(intra);
+    if (!r_h) constant.push_back(inter);
+    if (!r_yk && !r_y) constant.push_back(masked);
+    if (!r_yu && !r_y) constant.push_back(unmasked);
+    ctx->mark_non_differentiable(constant);
     // Unused outputs arrive undefined (the kernel reads them as zero) instead of zero tensors that autograd
     // would otherwise allocate and fill, (M, B, D)-sized for saved_h.
     ctx->set_materialize_grads(false);

@@ -453,8 +453,8 @@ def kgs_loss(
     terms = kgs_terms(yk_, yu_, y_, h_, routing)
     w_intra, w_inter, w_masked, w_unmasked = (float(w) for w in weights)
     loss = w_intra * terms[0] + w_inter * terms[1] + w_masked * terms[2] + w_unmasked * terms[3]
-    if reduction == "mean":
-        reduce = lambda v: v.mean()  # noqa: E731
+    if reduction == "mean":  # over no sample (B = 0): 0, as the public op gives, not 0/0
+        reduce = lambda v: v.mean() if v.numel() else v.sum()  # noqa: E731
     elif reduction == "sum":
         reduce = lambda v: v.sum()  # noqa: E731
     else:

@@ -346,3 +346,24 @@ def test_index_range_check_matches_min_max():
               torch.tensor([2**63 - 1]), torch.tensor([0, 4, 8, 12])[::2]):
         want = t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) <= 9)
         assert _ext.C.int64_in_range(t, 9) == want, t
+
+
+def test_a_torch_function_mode_sees_the_python_op():
+    """Found by a differential fuzzer: with a TorchFunctionMode active, the eager common call hands over to
+    the full path, so the mode sees the op a compiled graph holds (mim_fast::dropout), not the kernel's."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, index = torch.randn(6, 4, 5), torch.arange(4)
+    with Seen() as mode:
+        y = mim_fast.dropout(x, 0.3, seed=5, index=index, batch_dim=1)
+    assert "mim_fast.dropout" in mode.funcs, [f for f in mode.funcs if "mim" in f]
+    assert torch.equal(y, mim_fast.dropout(x, 0.3, seed=5, index=index, batch_dim=1))

@@ -303,6 +303,10 @@ def _bad_calls():
         (dict(yk=yk, yu=yu, y=y, h=h, weights=(1.0, 1.0)), ValueError, "weights must be 4 numbers"),
         (dict(yk=yk, yu=yu, y=y, h=h, weights=1.0), TypeError, "weights must be a sequence"),
         (dict(yk=yk, yu=yu, y=y, h=h, weights=(1.0, float("inf"), 1.0, 1.0)), ValueError, r"weights\[1\]"),
+        # finite, but not float32 numbers in the kernels (the reference gives NaN where they give inf)
+        (dict(yk=yk, yu=yu, y=y, h=h, weights=(1.0, 1e39, 1.0, 1.0)), ValueError, r"weights\[1\] must lie within"),
+        (dict(yk=yk, yu=yu, y=y, h=h, kd_scale=1e20), ValueError, "kd_scale must lie in"),
+        (dict(yk=yk, yu=yu, y=y, h=h, kd_scale=1e-39), ValueError, "kd_scale must lie in"),
         (dict(yk=yk, yu=yu, y=y, h=h, backend="gpu"), ValueError, "backend must be 'auto' or one of"),
     ]
 
@@ -1110,3 +1114,40 @@ def test_create_graph_raises(backend, heads):
                 torch.autograd.grad(out.loss, ins[0], create_graph=True)
         else:
             torch.autograd.grad(out.loss, ins[0])
+
+
+TERM_DEPS = {"intra": ("yk", "yu"), "inter": ("h",), "masked": ("yk", "y"), "unmasked": ("yu", "y")}
+HEAD_TERM_DEPS = {"intra": ("h_masked", "h_unmasked", "weight", "bias"), "inter": ("h_masked",),
+                  "masked": ("h_masked", "weight", "bias", "y"), "unmasked": ("h_unmasked", "weight", "bias", "y")}
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("heads", [False, True], ids=["kgs_loss", "with_heads"])
+def test_terms_require_grad_as_in_the_reference(backend, heads):
+    """Found by a differential fuzzer: each term needs a gradient only when an input it depends on does, as
+    in the reference (with only h trainable, intra.backward() must raise, not silently do nothing)."""
+    if heads and backend == "cuda":
+        pytest.skip("kgs_loss_with_heads runs through Triton on CUDA")
+    if backend != "torch":
+        _skip_unless_available(backend)
+    dev = DEVICE.get(backend, "cpu")
+    names, deps = (("h_masked", "h_unmasked", "weight", "bias", "y"), HEAD_TERM_DEPS) if heads else \
+        (("yk", "yu", "y", "h"), TERM_DEPS)
+    base = make_head_inputs(3, 4, 6) if heads else [t.float() for t in make_inputs(3, 4, 6)]
+    fn = mim_fast.kgs_loss_with_heads if heads else mim_fast.kgs_loss
+    for trainable in names:
+        ins = [t.to(dev).clone().requires_grad_(n == trainable) for n, t in zip(names, base)]
+        out = fn(*ins, backend=backend)
+        assert out.loss.requires_grad
+        for term, needs in deps.items():
+            assert getattr(out, term).requires_grad == (trainable in needs), (trainable, term)
+        for term, needs in deps.items():
+            if trainable not in needs:
+                with pytest.raises(RuntimeError, match="does not require grad"):
+                    getattr(out, term).backward(retain_graph=True)
+
+
+def test_reference_empty_batch_mean_is_zero():
+    """The reference, as the op: reduction "mean" over no sample is 0, not 0/0."""
+    out = reference.kgs_loss(torch.randn(3, 0), torch.randn(3, 0), torch.randn(0), torch.randn(3, 0, 4))
+    assert all(float(t) == 0.0 for t in out[:5])

@@ -137,6 +137,9 @@ def _key(seed: int, stream: int) -> int:
     return dropout_key(seed, stream)  # a training step asks for the same few (seed, stream) pairs all epoch
 
 
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
 def _common_call(x, p, seed, index, batch_dim, stream, training, backend) -> Optional[torch.Tensor]:
     """The call a training step makes (a plain CPU or CUDA tensor, 0 < p < 1, an explicit seed, int64
     sample indices on x's device, the fused kernel of x's device), in a few µs (eager only), or None: the
@@ -150,7 +153,7 @@ def _common_call(x, p, seed, index, batch_dim, stream, training, backend) -> Opt
     tests/test_dropout.py::test_common_call_* checks that both paths agree."""
     if (type(x) is not _Tensor or type(index) is not _Tensor or type(p) is not float or type(seed) is not int
             or type(stream) is not int or type(batch_dim) is not int or training is not True
-            or type(backend) is not str):
+            or type(backend) is not str or _function_mode_enabled()):  # a TorchFunctionMode: the full path
         return None
     if not (0.0 < p < 1.0 and 0 <= seed < _MAX_KEY and 0 <= stream < _MAX_KEY):
         return None

@@ -1,4 +1,5 @@
 """``mim_fast.kgs_loss``: SPEC §2, the per-sample Knowledge Guidance Scheme loss."""
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -80,16 +81,7 @@ def kgs_loss(
                          % (M, B, _checks.shape_str(h.shape)))
     _checks.nonempty("h", {"D": h.shape[2]})
     _checks.same_device("yk", yk, yu=yu, y=y, h=h)
-    kd_scale = _checks.real("kd_scale", kd_scale, gt=0.0)
-    eps = _checks.real("eps", eps, gt=0.0)
-    _checks.choice("reduction", reduction, REDUCTIONS)
-    try:
-        weights = tuple(weights)
-    except TypeError:
-        raise TypeError("weights must be a sequence of 4 numbers (intra, inter, masked, unmasked)") from None
-    if len(weights) != 4:
-        raise ValueError("weights must be 4 numbers (intra, inter, masked, unmasked); got %d" % len(weights))
-    weights = tuple(_checks.real("weights[%d]" % i, w) for i, w in enumerate(weights))
+    kd_scale, eps, weights = _options(kd_scale, eps, reduction, weights)
 
     impl = _backends.select("kgs_loss", backend, yk.device, (yk.dtype, yu.dtype, y.dtype, h.dtype))
     if B == 0:
@@ -165,13 +157,46 @@ def _backward_fake(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked
             saved_h.new_empty(saved_h.shape))
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def _options(kd_scale, eps, reduction, weights) -> tuple:
+    """kd_scale, eps and the 4 weights checked, as floats; raises naming the argument. The kernels compute in
+    float32 (float64 only for float64 inputs): kd_scale, its square and the weights must be float32 numbers
+    (a value float32 cannot hold would become inf or 0 there, where the reference gives NaN or another inf)."""
+    kd_scale = _checks.real("kd_scale", kd_scale, gt=0.0)
+    if not _F32_TINY <= kd_scale <= math.sqrt(_F32_MAX):
+        raise ValueError("kd_scale must lie in [%.4g, %.4g] (it and its square are float32 numbers in the kernels); "
+                         "got %r" % (_F32_TINY, math.sqrt(_F32_MAX), kd_scale))
+    eps = _checks.real("eps", eps, gt=0.0)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    try:
+        weights = tuple(weights)
+    except TypeError:
+        raise TypeError("weights must be a sequence of 4 numbers (intra, inter, masked, unmasked)") from None
+    if len(weights) != 4:
+        raise ValueError("weights must be 4 numbers (intra, inter, masked, unmasked); got %d" % len(weights))
+    weights = tuple(_checks.real("weights[%d]" % i, w) for i, w in enumerate(weights))
+    for i, w in enumerate(weights):
+        if not abs(w) <= _F32_MAX:
+            raise ValueError("weights[%d] must lie within float32's range (|value| <= %.4g), the kernels' compute "
+                             "type; got %r" % (i, _F32_MAX, w))
+    return kd_scale, eps, weights
+
+
 def _register_autograd(forward_name: str, backward_op) -> None:
     def setup_context(ctx, inputs, output):
         yk, yu, y, h, _, _, _, weights = inputs[:8]
         ctx.save_for_backward(output[7], output[8])
         ctx.weights = list(weights)
         ctx.dtypes = (yk.dtype, yu.dtype, y.dtype)
-        ctx.mark_non_differentiable(output[5], output[6], output[7], output[8])
+        # as csrc/autograd.cpp: a term needs a gradient only when an input it depends on does (intra: yk, yu;
+        # inter: h; masked: yk, y; unmasked: yu, y), as in the reference
+        r = [t.requires_grad for t in (yk, yu, y, h)]
+        deps = ((0, 1), (3,), (0, 2), (1, 2))
+        ctx.mark_non_differentiable(output[5], output[6], output[7], output[8],
+                                    *(output[1 + k] for k, d in enumerate(deps) if not any(r[i] for i in d)))
         # Unused outputs arrive as None (the kernel reads them as zero) instead of zero tensors that
         # autograd would otherwise allocate and fill, (M, B, D)-sized for saved_h.
         ctx.set_materialize_grads(False)
@@ -307,16 +332,7 @@ def kgs_loss_with_heads(
     _checks.float_tensor("y", y, ndim=1, layout="(B,)")
     _checks.same_shape("y", y, (B,), "(B,) to match h_masked (M, B, D)")
     _checks.same_device("h_masked", h_masked, h_unmasked=h_unmasked, weight=weight, bias=bias, y=y)
-    kd_scale = _checks.real("kd_scale", kd_scale, gt=0.0)
-    eps = _checks.real("eps", eps, gt=0.0)
-    _checks.choice("reduction", reduction, REDUCTIONS)
-    try:
-        weights = tuple(weights)
-    except TypeError:
-        raise TypeError("weights must be a sequence of 4 numbers (intra, inter, masked, unmasked)") from None
-    if len(weights) != 4:
-        raise ValueError("weights must be 4 numbers (intra, inter, masked, unmasked); got %d" % len(weights))
-    weights = tuple(_checks.real("weights[%d]" % i, w) for i, w in enumerate(weights))
+    kd_scale, eps, weights = _options(kd_scale, eps, reduction, weights)
     impl = _backends.select("kgs_loss_with_heads", backend, h_masked.device,
                             (h_masked.dtype, weight.dtype, bias.dtype, y.dtype))
     if B == 0:
@@ -366,7 +382,13 @@ def _register_heads_autograd(forward_name: str, backward_op) -> None:
         ctx.save_for_backward(output[7], output[8], h_masked, h_unmasked, weight)
         ctx.weights = list(inputs[8])
         ctx.dtypes = (bias.dtype, y.dtype)
-        ctx.mark_non_differentiable(output[5], output[6], output[7], output[8])
+        # a term needs a gradient only when an input it depends on does, as in the reference: intra on the
+        # predictions of both branches (h_masked, h_unmasked, weight, bias), inter on h_masked, masked on
+        # h_masked, weight, bias and y, unmasked on h_unmasked, weight, bias and y
+        r = [t.requires_grad for t in (h_masked, h_unmasked, weight, bias, y)]
+        deps = ((0, 1, 2, 3), (0,), (0, 2, 3, 4), (1, 2, 3, 4))
+        ctx.mark_non_differentiable(output[5], output[6], output[7], output[8],
+                                    *(output[1 + k] for k, d in enumerate(deps) if not any(r[i] for i in d)))
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked, *_):
