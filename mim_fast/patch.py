@@ -13,9 +13,12 @@ of Liger-Kernel's ``apply_liger_kernel_to_*``: patch an existing model in place,
   cannot be mapped is an error that lists it; keys that the released forward never reads are dropped and
   listed in :data:`UNUSED_PUBLISHED`.
 
-Weights map one to one; what the two models compute differs where mim_fast's MIM does (its docstrings and
-README list the deviations), e.g. mim_fast's sinusoidal positions start at 0 where the released fairseq
-embedding starts at 1, and the released BERT encoder drops the [CLS] step.
+Weights map one to one (a concat fusion's weight with its column blocks in the model's modality order);
+what the two models compute differs where mim_fast's MIM does (its docstrings and README list the
+deviations), e.g. mim_fast's sinusoidal positions start at 0 where the released fairseq embedding starts at
+1, and give every step a position where the released embedding gives none to a step whose first feature is
+exactly 0 (fairseq's padding test; after the bias-free Conv1d, a zero-padded step), so a converted model's
+encoders differ on zero-padded steps; and the released BERT encoder drops the [CLS] step.
 """
 import re
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -233,8 +236,27 @@ def _unused(keys, fusion: str) -> List[str]:
     return [k for k in keys if any(p.match(k) for p in patterns) or any(k.startswith(s) for s in inactive)]
 
 
+PUBLISHED_ORDER = ("text", "audio", "vision")  # the released Fusion concatenates [l, a, v] (model.py)
+
+
+def _order(modalities) -> Tuple[str, ...]:
+    order = tuple(modalities)
+    if sorted(order) != sorted(PUBLISHED_ORDER):
+        raise ValueError("modalities must order text, audio and vision, each once; got %r" % (order,))
+    return order
+
+
+def _concat_blocks(weight: torch.Tensor, src, dst) -> torch.Tensor:
+    """A concat fusion's (D, 3D) weight with its column blocks (one D-wide block per modality, in the order
+    ``src``) rearranged into the order ``dst``: the same layer for a model that concatenates in that order."""
+    if tuple(src) == tuple(dst):
+        return weight
+    blocks = dict(zip(src, weight.chunk(3, dim=1)))
+    return torch.cat([blocks[m] for m in dst], dim=1)
+
+
 def published_to_mim_fast(state_dict: Dict[str, torch.Tensor], *, fusion: str = "multiplication",
-                          text: str = "features") -> Dict[str, torch.Tensor]:
+                          text: str = "features", modalities=PUBLISHED_ORDER) -> Dict[str, torch.Tensor]:
     """The authors' whole-model state_dict (``MIM`` of zengy268/MIM: ``l_encoder``, ``a_encoder``,
     ``v_encoder``, ``l_mask``/``a_mask``/``v_mask``, ``l_classifier``..., ``fusion``) with mim_fast.nn.MIM's
     keys (modalities text, audio, vision). Tensors are not copied.
@@ -253,10 +275,17 @@ def published_to_mim_fast(state_dict: Dict[str, torch.Tensor], *, fusion: str = 
             k.startswith("l_encoder.bert.") for k in unmapped) else ""
         raise ValueError("cannot map %d key%s of the published state_dict onto mim_fast.nn.MIM%s: %s" % (
             len(unmapped), "" if len(unmapped) == 1 else "s", hint, _describe(unmapped)))
-    return {mapped[k]: state_dict[k] for k in keys}
+    out = {mapped[k]: state_dict[k] for k in keys}
+    if fusion == "concat" and "fusion.linear.weight" in out:
+        # The released Fusion concatenates text, audio, vision; mim_fast's concatenates in its modalities'
+        # order: the weight's column blocks follow that order, or the layer would read each modality's
+        # features with another's weights (silently: the shapes agree).
+        out["fusion.linear.weight"] = _concat_blocks(out["fusion.linear.weight"], PUBLISHED_ORDER,
+                                                     _order(modalities))
+    return out
 
 
-def mim_fast_to_published(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def mim_fast_to_published(state_dict: Dict[str, torch.Tensor], *, modalities=None) -> Dict[str, torch.Tensor]:
     """mim_fast.nn.MIM's state_dict (modalities text, audio, vision) with the authors' keys, plus the
     fairseq buffers the published encoders hold (``version`` = [2.], ``embed_positions._float_tensor``).
     The published model loads it with ``strict=False``; its only missing keys are then the layers mim_fast
@@ -275,6 +304,11 @@ def mim_fast_to_published(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torc
         raise ValueError("cannot map %d key%s of the mim_fast.nn.MIM state_dict onto the published model: %s" % (
             len(unmapped), "" if len(unmapped) == 1 else "s", _describe(unmapped)))
     out = {mapped[k]: v for k, v in state_dict.items()}
+    if fusion == "concat":
+        if modalities is None:  # the order the model registered its encoders in, as its state_dict lists them
+            modalities = tuple(dict.fromkeys(k.split(".")[1] for k in state_dict if k.startswith("encoders.")))
+        out["fusion.linear.weight"] = _concat_blocks(out["fusion.linear.weight"], _order(modalities),
+                                                     PUBLISHED_ORDER)
     for p, m in MODALITIES[1:]:
         if any(k.startswith("%s_encoder.trans%s." % (p, p)) for k in out):
             out["%s_encoder.trans%s.version" % (p, p)] = torch.tensor([2.0])
@@ -295,8 +329,12 @@ def load_published_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tens
     if specs["text"].kind == "words":
         raise ValueError("the model's text encoder is a learned word embedding, which the published model does "
                          "not have: build it with text features or a BERT")
-    converted = published_to_mim_fast(state_dict, fusion=model.fusion.kind, text=text)
+    converted = published_to_mim_fast(state_dict, fusion=model.fusion.kind, text=text,
+                                      modalities=[s.name for s in model.specs])
     own = model.state_dict()
+    # BERT's position_ids (an arange buffer, no information) is persistent in some transformers releases and
+    # not in others: the checkpoint's is dropped where this model has none.
+    converted = {k: v for k, v in converted.items() if k in own or not k.endswith("embeddings.position_ids")}
     problems = []
     missing = [k for k in own if k not in converted]
     extra = [k for k in converted if k not in own]

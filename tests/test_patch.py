@@ -255,6 +255,28 @@ def test_concat_fusion_maps_its_own_layer():
     assert "fusion.linear.weight" in back and "fusion.linear_mul.weight" not in back
 
 
+def test_concat_fusion_in_another_modality_order():
+    """Found by a review against the authors' code: the released Fusion concatenates text, audio, vision;
+    a mim_fast MIM over the same modalities declared in another order concatenates in its own order. The
+    converted weight's column blocks follow it (the shapes agree, so a plain copy would load silently and
+    read each modality with another's weights), and the conversion back restores the published order."""
+    torch.manual_seed(0)
+    published = PublishedMIM()
+    published.fusion.fusion = "concat"
+    d, T, dims = 10, 10, dict(text=12, audio=7, vision=5)
+    order = ("audio", "vision", "text")
+    model = MIM([ModalitySpec(m, "features", dims[m], T, 0 if m == "text" else 2) for m in order], d_model=d,
+                heads=2, fusion="concat")
+    patch.load_published_state_dict(model, published.state_dict())
+    ks = {m: torch.randn(3, d) for m in ("text", "audio", "vision")}
+    torch.testing.assert_close(model.fusion([ks[m] for m in order]).unsqueeze(-1),
+                               published.fusion(ks["text"], ks["audio"], ks["vision"]))
+    back = patch.mim_fast_to_published(model.state_dict())
+    assert torch.equal(back["fusion.linear.weight"], published.state_dict()["fusion.linear.weight"])
+    with pytest.raises(ValueError, match="modalities must order text, audio and vision"):
+        patch.published_to_mim_fast(published.state_dict(), fusion="concat", modalities=("text", "audio"))
+
+
 def test_errors_list_the_keys_that_do_not_fit():
     sd = PublishedMIM().state_dict()
     bad = dict(sd, **{"extra.weight": torch.zeros(1)},
