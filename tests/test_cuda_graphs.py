@@ -161,6 +161,22 @@ def _tiny_training(tmp_path, **kw):
 
 # Five, to fit gpu_check.sh's time box: the default run (backend auto = cuda on a GPU, fused Adam), torch's
 # default Adam, bf16 autocast, the Triton kernels (with drop_last: no eager batch) and the reference ops.
+def _twins(tmp_path, **kw):
+    """The tiny run's config, device and data, and two twin models on the GPU (the same initial parameters),
+    each with its capturable Adam: (cfg, dev, data, (model, opt), (twin, twin_opt))."""
+    from mim_fast import train as T
+
+    cfg = _tiny_training(tmp_path, **kw)
+    dev = torch.device("cuda")
+    data = T.load_for_training(cfg)
+    torch.manual_seed(1)
+    model = T.build_model(data, cfg).to(dev)
+    twin = T.build_model(data, cfg).to(dev)
+    twin.load_state_dict(model.state_dict())
+    return (cfg, dev, data, (model, T.Optimizers(model, cfg, dev, capturable=True)),
+            (twin, T.Optimizers(twin, cfg, dev, capturable=True)))
+
+
 CAPTURED_VARIANTS = {
     "default": dict(),
     "default-adam": dict(adam="default"),
@@ -186,15 +202,8 @@ def test_captured_training_step_follows_the_eager_step(tmp_path, variant):
     if "backend" in kw and kw["backend"] != "torch":
         _need(kw["backend"], "purify_gate")
         _need(kw["backend"], "kgs_loss")
-    cfg = _tiny_training(tmp_path, **kw)
-    dev = torch.device("cuda")
-    data = T.load_for_training(cfg)
-    torch.manual_seed(1)
-    model = T.build_model(data, cfg).to(dev)
-    twin = T.build_model(data, cfg).to(dev)
-    twin.load_state_dict(model.state_dict())
-    opt = T.Optimizers(model, cfg, dev, capturable=True)
-    step = graphs.CapturedStep(twin, T.Optimizers(twin, cfg, dev, capturable=True), cfg, dev)
+    cfg, dev, data, (model, opt), (twin, twin_opt) = _twins(tmp_path, **kw)
+    step = graphs.CapturedStep(twin, twin_opt, cfg, dev)
     bf16 = cfg.amp == "bf16"
     steps, seen = 0, []
     for epoch in (1, 2):
@@ -234,15 +243,7 @@ def test_a_replaced_parameter_is_captured_again_not_replayed_stale(tmp_path):
     from mim_fast import graphs
     from mim_fast import train as T
 
-    cfg = _tiny_training(tmp_path, drop_last=True)
-    dev = torch.device("cuda")
-    data = T.load_for_training(cfg)
-    torch.manual_seed(1)
-    model = T.build_model(data, cfg).to(dev)
-    twin = T.build_model(data, cfg).to(dev)
-    twin.load_state_dict(model.state_dict())
-    opt = T.Optimizers(model, cfg, dev, capturable=True)
-    twin_opt = T.Optimizers(twin, cfg, dev, capturable=True)
+    cfg, dev, data, (model, opt), (twin, twin_opt) = _twins(tmp_path, drop_last=True)
     step = graphs.CapturedStep(twin, twin_opt, cfg, dev)
     seed = T._epoch_seed(0, 1, 1)
     for i, batch in enumerate(T.batches(data.train, 16, shuffle=True, device=dev, seed=1, drop_last=True)):

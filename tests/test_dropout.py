@@ -14,6 +14,7 @@ from mim_fast.nn import Dropout, SequenceEncoder, TransformerEncoder, Transforme
 from mim_fast.ops import _backends
 
 from _isa import saved_under_isa
+from _modes import SeenFunctions
 
 HAS_EXT = mim_fast.build_info() is not None
 HAS_TRITON = _backends.triton_import_error() is None and (_backends.triton_interpreting() or torch.cuda.is_available())
@@ -351,19 +352,8 @@ def test_index_range_check_matches_min_max():
 def test_a_torch_function_mode_sees_the_python_op():
     """Found by a differential fuzzer: with a TorchFunctionMode active, the eager common call hands over to
     the full path, so the mode sees the op a compiled graph holds (mim_fast::dropout), not the kernel's."""
-    from torch.overrides import TorchFunctionMode
-
-    class Seen(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.funcs = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.funcs.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x, index = torch.randn(6, 4, 5), torch.arange(4)
-    with Seen() as mode:
+    with SeenFunctions() as mode:
         y = mim_fast.dropout(x, 0.3, seed=5, index=index, batch_dim=1)
     assert "mim_fast.dropout" in mode.funcs, [f for f in mode.funcs if "mim" in f]
     assert torch.equal(y, mim_fast.dropout(x, 0.3, seed=5, index=index, batch_dim=1))

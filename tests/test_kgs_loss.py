@@ -864,6 +864,11 @@ def test_module_rejects_bad_options_at_construction():
         mim_fast.nn.KGSLoss(kd_scale=-1.0)
     with pytest.raises(ValueError, match="weights must be 4 numbers"):
         mim_fast.nn.KGSLoss(weights=(1.0,))
+    # the functional op's own checks (ops/kgs_loss.py::_options), float32's range included
+    with pytest.raises(ValueError, match="kd_scale must lie in"):
+        mim_fast.nn.KGSLoss(kd_scale=1e20)
+    with pytest.raises(ValueError, match=r"weights\[2\] must lie within float32's range"):
+        mim_fast.nn.KGSLoss(weights=(1.0, 1.0, -1e39, 1.0))
     with pytest.raises(TypeError, match="per_sample must be a bool"):
         mim_fast.nn.KGSLoss(per_sample=1)
     with pytest.raises(ValueError, match="backend must be one of"):

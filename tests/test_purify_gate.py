@@ -11,6 +11,7 @@ import mim_fast
 from mim_fast import reference
 
 from _isa import saved_under_isa
+from _modes import SeenFunctions, SeenOps
 
 MODES = ("sample", "expected")
 ACTIVATIONS = ("tanh", "relu", "identity")
@@ -957,18 +958,7 @@ def test_cpu_kernel_is_bit_identical_across_isas(isa):
 def test_common_call_goes_through_the_dispatcher(batch_first, monkeypatch):
     """The common call reaches the C++ op through _C.purify_gate_call, not torch.ops: a dispatch mode still
     sees the forward op (and autograd its backward), and the results equal the full path's bit for bit."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     module = importlib.import_module("mim_fast.ops.purify_gate")
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     T, B, D = 6, 3, 5
     x = torch.randn(B, T, D) if batch_first else torch.randn(T, B, D)
@@ -978,7 +968,7 @@ def test_common_call_goes_through_the_dispatcher(batch_first, monkeypatch):
     for common in (True, False):
         xl, gl = x.clone().requires_grad_(), g.clone().requires_grad_()
         args = (xl, gl, u, None, 0, "sample", "tanh", "mim", None, batch_first, 1 / 3, -0.2, 1.0, 3.0, 0.6, "cpu")
-        with Record() as rec:
+        with SeenOps() as rec:
             if common:
                 out = module._common_call(*args)
                 assert out is not None
@@ -1090,19 +1080,8 @@ def test_create_graph_raises(backend):
 def test_a_torch_function_mode_sees_the_op_on_the_common_path():
     """A TorchFunctionMode (a tracer, a logger) sees only torch.ops calls: with one active, the eager common
     call hands over to the full path, whose op call it sees."""
-    from torch.overrides import TorchFunctionMode
-
-    class Seen(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.funcs = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.funcs.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x, g = torch.randn(5, 3, 4), torch.randn(3, 5)
-    with Seen() as mode:
+    with SeenFunctions() as mode:
         out = mim_fast.purify_gate(x, g, seed=1)
     assert any("purify_gate" in f for f in mode.funcs), mode.funcs
     assert torch.equal(out.pooled, mim_fast.purify_gate(x, g, seed=1).pooled)

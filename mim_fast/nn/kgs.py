@@ -9,7 +9,7 @@ from torch import nn
 from .._types import KGSLossOutput
 from ..ops import _checks
 from ..ops._backends import BACKENDS
-from ..ops.kgs_loss import REDUCTIONS, kgs_loss
+from ..ops.kgs_loss import _options, kgs_loss
 
 __all__ = ["KGSLoss"]
 
@@ -51,16 +51,9 @@ class KGSLoss(nn.Module):
                 raise TypeError("%s must be a bool; got %s" % (name, type(value).__name__))
         self.per_sample = per_sample
         self.kd_divide_T = kd_divide_T
-        self.kd_scale = _checks.real("kd_scale", kd_scale, gt=0.0)
-        self.eps = _checks.real("eps", eps, gt=0.0)
-        self.reduction = _checks.choice("reduction", reduction, REDUCTIONS)
-        try:
-            weights = tuple(weights)
-        except TypeError:
-            raise TypeError("weights must be a sequence of 4 numbers (intra, inter, masked, unmasked)") from None
-        if len(weights) != 4:
-            raise ValueError("weights must be 4 numbers (intra, inter, masked, unmasked); got %d" % len(weights))
-        self.weights = tuple(_checks.real("weights[%d]" % i, w) for i, w in enumerate(weights))
+        # the functional op's checks, so the module refuses at construction what a call would refuse
+        self.kd_scale, self.eps, self.weights = _options(kd_scale, eps, reduction, weights)
+        self.reduction = reduction
         self.backend = _checks.choice("backend", backend, ("auto",) + tuple(BACKENDS))
 
     def forward(self, yk: torch.Tensor, yu: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> KGSLossOutput:

@@ -78,6 +78,19 @@ def real(name: str, value, *, gt: Optional[float] = None, ge: Optional[float] = 
     return v
 
 
+F32_MAX = float(torch.finfo(torch.float32).max)
+F32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def float32_number(name: str, value: float) -> float:
+    """``value`` (a checked finite float) when float32, the kernels' compute type (float64 only for float64
+    inputs), can hold it; a larger one would turn into inf there, where the reference raises or gives NaN."""
+    if not abs(value) <= F32_MAX:
+        raise ValueError("%s must lie within float32's range (|value| <= %.4g), the kernels' compute type; got %r"
+                         % (name, F32_MAX, value))
+    return value
+
+
 def nonneg_int(name: str, value, *, bits: int = 63) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("%s must be a Python int; got %s" % (name, type(value).__name__))

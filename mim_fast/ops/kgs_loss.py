@@ -157,18 +157,14 @@ def _backward_fake(grad_loss, grad_intra, grad_inter, grad_masked, grad_unmasked
             saved_h.new_empty(saved_h.shape))
 
 
-_F32_MAX = float(torch.finfo(torch.float32).max)
-_F32_TINY = float(torch.finfo(torch.float32).tiny)
-
-
 def _options(kd_scale, eps, reduction, weights) -> tuple:
-    """kd_scale, eps and the 4 weights checked, as floats; raises naming the argument. The kernels compute in
-    float32 (float64 only for float64 inputs): kd_scale, its square and the weights must be float32 numbers
-    (a value float32 cannot hold would become inf or 0 there, where the reference gives NaN or another inf)."""
+    """kd_scale, eps and the 4 weights checked, as floats; raises naming the argument (the functional ops
+    and nn.KGSLoss's constructor). kd_scale, its square and the weights must be float32 numbers, the
+    kernels' compute type (_checks.float32_number)."""
     kd_scale = _checks.real("kd_scale", kd_scale, gt=0.0)
-    if not _F32_TINY <= kd_scale <= math.sqrt(_F32_MAX):
+    if not _checks.F32_TINY <= kd_scale <= math.sqrt(_checks.F32_MAX):
         raise ValueError("kd_scale must lie in [%.4g, %.4g] (it and its square are float32 numbers in the kernels); "
-                         "got %r" % (_F32_TINY, math.sqrt(_F32_MAX), kd_scale))
+                         "got %r" % (_checks.F32_TINY, math.sqrt(_checks.F32_MAX), kd_scale))
     eps = _checks.real("eps", eps, gt=0.0)
     _checks.choice("reduction", reduction, REDUCTIONS)
     try:
@@ -177,11 +173,8 @@ def _options(kd_scale, eps, reduction, weights) -> tuple:
         raise TypeError("weights must be a sequence of 4 numbers (intra, inter, masked, unmasked)") from None
     if len(weights) != 4:
         raise ValueError("weights must be 4 numbers (intra, inter, masked, unmasked); got %d" % len(weights))
-    weights = tuple(_checks.real("weights[%d]" % i, w) for i, w in enumerate(weights))
-    for i, w in enumerate(weights):
-        if not abs(w) <= _F32_MAX:
-            raise ValueError("weights[%d] must lie within float32's range (|value| <= %.4g), the kernels' compute "
-                             "type; got %r" % (i, _F32_MAX, w))
+    weights = tuple(_checks.float32_number("weights[%d]" % i, _checks.real("weights[%d]" % i, w))
+                    for i, w in enumerate(weights))
     return kd_scale, eps, weights
 
 

@@ -229,17 +229,11 @@ def _options(mode, activation, penalty, beta, gamma, zeta, loc_bias, threshold) 
     for name, v in (("beta", beta), ("gamma", gamma), ("zeta", zeta), ("loc_bias", loc_bias),
                     ("zeta - gamma", zeta - gamma), ("the penalty's shift beta·log(−gamma/zeta)",
                                                      _pen_shift(penalty, beta, gamma, zeta, threshold))):
-        if not abs(v) <= _F32_MAX:
-            raise ValueError("%s must lie within float32's range (|value| <= %.4g), the kernels' compute type; "
-                             "got %r" % (name, _F32_MAX, v))
-    if beta < _F32_TINY:
+        _checks.float32_number(name, v)
+    if beta < _checks.F32_TINY:
         raise ValueError("beta must be >= %.4g (the smallest normal float32: the kernels divide by it in "
-                         "float32); got %r" % (_F32_TINY, beta))
+                         "float32); got %r" % (_checks.F32_TINY, beta))
     return beta, gamma, zeta, loc_bias, threshold
-
-
-_F32_MAX = float(torch.finfo(torch.float32).max)
-_F32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 # ----------------------------------------------------------------------------------------------------
