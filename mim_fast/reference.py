@@ -237,6 +237,17 @@ def gate_open_probability(logits: torch.Tensor, *, penalty: str = "mim", beta: f
     return sigmoid(a - beta * penalty_log_ratio(penalty, gamma, zeta, threshold))
 
 
+def clamp_closed(t: torch.Tensor, lo: Optional[float] = None, hi: Optional[float] = None) -> torch.Tensor:
+    """torch.clamp(t, lo, hi)'s value with the gradient SPEC §1 gives the gate's clamp: passed on the closed
+    interval lo ≤ t ≤ hi, as the kernels do, and selected, not multiplied (none outside it, or at NaN, even
+    where the incoming gradient is NaN). Not torch.clamp's own backward: its indicator at the bounds has
+    changed between releases (torch 2.14 passes none at t = lo or hi)."""
+    inside = torch.ones_like(t, dtype=torch.bool) if lo is None else t >= lo
+    if hi is not None:
+        inside = inside & (t <= hi)
+    return torch.where(inside, t, torch.clamp(t.detach(), lo, hi))
+
+
 def purify_gate(
     x: torch.Tensor,
     logits: torch.Tensor,
@@ -304,12 +315,7 @@ def purify_gate(
         s = sigmoid((ell + a) / const(beta))
     else:
         s = sigmoid(a)
-    s_bar = (zeta - gamma) * s + gamma
-    # SPEC §1: the clamp passes gradient on the closed interval 0 ≤ s̄ ≤ 1, as the kernels do. Not torch.clamp's
-    # own backward: its indicator at the bounds has changed between releases (torch 2.14 passes none at
-    # s̄ = 0 or 1). The value is clamp's; where s̄ is outside [0, 1] (or NaN) the detached clamp passes none.
-    inside = (s_bar >= 0.0) & (s_bar <= 1.0)
-    c = torch.where(inside, s_bar, torch.clamp(s_bar.detach(), 0.0, 1.0))
+    c = clamp_closed((zeta - gamma) * s + gamma, 0.0, 1.0)
     # z's forward value: 0 or 1, and NaN where c is NaN (a NaN logit or noise), as c + sg(h − c) computes it
     h = torch.where(torch.isnan(c), c, (c > const(threshold)).to(acc))
     # Straight-through estimator written as h + (c − sg(c)): the forward value is exactly h (c − c is

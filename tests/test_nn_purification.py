@@ -413,7 +413,8 @@ def open_mean_transcribed(x, logits, u, lengths, mode, activation, beta=1 / 3, g
     T, B, _ = x.shape
     a = logits + loc_bias
     s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + a) / beta) if mode == "sample" else torch.sigmoid(a)
-    c = ((zeta - gamma) * s + gamma).clamp(0, 1)
+    s_bar = (zeta - gamma) * s + gamma
+    c = torch.where((s_bar >= 0) & (s_bar <= 1), s_bar, s_bar.detach().clamp(0, 1))  # gradient on [0, 1], closed
     h = (c > threshold).to(c.dtype)
     z = h + (c - c.detach())
     if lengths is not None:
@@ -421,7 +422,8 @@ def open_mean_transcribed(x, logits, u, lengths, mode, activation, beta=1 / 3, g
         z = torch.where(valid, z, torch.zeros_like(z))
     phi = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda v: v}[activation]
     total = phi(x * z.t()[..., None]).sum(0)  # (B, D)
-    return total / z.sum(1).clamp(min=1)[:, None], h
+    n = z.sum(1)
+    return total / torch.where(n >= 1, n, n.detach().clamp(min=1))[:, None], h  # n's gradient at n = 1 too
 
 
 @pytest.mark.parametrize("mode", ["sample", "expected"])
@@ -531,3 +533,20 @@ def test_mask_learner_linear_score_and_skip_connection():
     assert not torch.equal(logits, logits[:1].expand_as(logits))
     with pytest.raises(TypeError, match="residual must be a bool"):
         MaskLearner(d, T, residual=1)
+
+
+def test_pool_over_open_steps_with_exactly_one_open_step_passes_the_count_gradient():
+    """n = 1 (one open step) is a value, not the floor of an empty sample: its straight-through gradient
+    passes (torch 2.14's clamp(min=1) passes none at its bound, and the gradient over the open steps of
+    identical features, which must cancel to 0, did not)."""
+    T, B, D = 6, 2, 3
+    gate = PurificationGate(activation="identity", eval_mode="expected").eval()
+    logits = torch.full((B, T), -20.0, dtype=torch.float64)
+    logits[:, 2] = 10.0  # one open step per sample
+    logits[1, 4] = 10.0  # and a second in sample 1
+    same = torch.randn(1, B, D, dtype=torch.float64).expand(T, B, D)
+    lg = logits.clone().requires_grad_()
+    out = gate(same, lg)
+    assert out.gate.sum(1).tolist() == [1.0, 2.0]
+    (gate.pool_over_open_steps(out.pooled, out.gate, lg) * torch.randn(B, D, dtype=torch.float64)).sum().backward()
+    assert lg.grad.abs().max() < 1e-15

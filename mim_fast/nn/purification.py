@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .. import reference
 from .._types import PurifyGateOutput, exportable
 from ..ops import _checks
 from ..ops._backends import BACKENDS
@@ -154,7 +155,7 @@ class PurificationGate(nn.Module):
             s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + a) / self.beta)
         else:
             s = torch.sigmoid(a)
-        c = torch.clamp((self.zeta - self.gamma) * s + self.gamma, 0.0, 1.0)
+        c = reference.clamp_closed((self.zeta - self.gamma) * s + self.gamma, 0.0, 1.0)  # the op's gradient
         z = gate.detach().to(acc) + (c - c.detach())
         if lengths is not None:
             T = logits.shape[1]
@@ -185,7 +186,9 @@ class PurificationGate(nn.Module):
         T = logits.shape[1]
         size = (torch.full((logits.shape[0],), float(T), dtype=z.dtype, device=z.device) if lengths is None
                 else lengths.to(device=z.device, dtype=z.dtype).clamp(min=1))
-        scale = size / z.sum(dim=1).clamp(min=1.0)
+        # n ≥ 1 passes its gradient, n = 1 included (torch 2.14's clamp passes none at its bound, which lost
+        # the n-path for a sample with exactly one open step); only an empty sample's n is held at 1
+        scale = size / reference.clamp_closed(z.sum(dim=1), 1.0)
         return pooled * scale.to(pooled.dtype)[:, None]
 
     def extra_repr(self) -> str:
